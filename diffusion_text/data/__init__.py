@@ -1,0 +1,1 @@
+"""Text sources, tokenizer and input pipeline."""
