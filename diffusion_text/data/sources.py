@@ -1,0 +1,136 @@
+"""One entry point from a data config to a random-access sequence of text records.
+
+Config keys read from `config.data` (docs/data.md describes each one):
+
+  files                comma-separated globs of UTF-8 text files; when set, they are the source
+  name                 "shakespeare" (bundled corpus, default) or a registered TFDS name
+  documents            document mode for files: "paragraph" (default), "file" or "line"
+  validation_files     globs of held-out files (default: hold out whole files)
+  validation_fraction  share of files, or of a single file's documents, held out (0.1)
+  text_key             text feature of a TFDS dataset ("text")
+  tfds_dir             folder of prepared datasets (~/.cache/diffusion_text/tfds)
+
+Every source is prepared once as array_record files and read back through TFDS without
+TensorFlow. A record is a dict with "id" and "text" (str).
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+import os
+from typing import Any
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from diffusion_text import errors
+from diffusion_text.data import builders
+from diffusion_text.data import text_files
+
+BUNDLED_NAME = "shakespeare"
+DEFAULT_TFDS_DIR = os.path.join("~", ".cache", "diffusion_text", "tfds")
+
+
+class TextSource(Sequence):
+  """Records of one split, each {"id": str, "text": str}, decoded from a TFDS data source."""
+
+  def __init__(self, data_source: Sequence[Mapping[str, Any]], text_key: str, name: str):
+    self._data_source = data_source
+    self._text_key = text_key
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    record = self._data_source[index]
+    text = record[self._text_key]
+    if isinstance(text, bytes):
+      text = text.decode("utf-8")
+    record_id = record.get("id", index)
+    if isinstance(record_id, bytes):
+      record_id = record_id.decode("utf-8")
+    return {"id": str(record_id), "text": text}
+
+  def __repr__(self) -> str:
+    return f"TextSource({self.name!r}, {len(self)} records)"
+
+
+def _setting(data_config: Any, key: str, default: Any) -> Any:
+  """Read data_config.<key> from a ConfigDict or a dict; missing, None or "" gives `default`."""
+  value = data_config.get(key, None)
+  return default if value is None or value == "" else value
+
+
+def tfds_dir(data_config: Any) -> str:
+  """Return the folder of prepared datasets: data.tfds_dir or ~/.cache/diffusion_text/tfds."""
+  return os.path.expanduser(_setting(data_config, "tfds_dir", DEFAULT_TFDS_DIR))
+
+
+def get_source(data_config: Any, split: str) -> TextSource:
+  """Prepare (once) and open the `split` ("train" or "validation") of the configured source.
+
+  Raises:
+    DataError: bad text files, an unknown TFDS name or a split the dataset lacks.
+    ConfigError: an invalid document mode or validation fraction.
+  """
+  data_dir = tfds_dir(data_config)
+  files = _setting(data_config, "files", "")
+  if files:
+    plan = text_files.plan_text_files(
+        files,
+        validation_files=_setting(data_config, "validation_files", None),
+        documents=_setting(data_config, "documents", "paragraph"),
+        validation_fraction=float(_setting(data_config, "validation_fraction", 0.1)),
+    )
+    builder = builders.TextFilesBuilder(plan, data_dir=data_dir)
+    if not builder.is_prepared():
+      # Reads and checks every file before TFDS writes anything.
+      builder.set_parts(plan.split_parts())
+    return _open(builder, split, "text", name=f"files {files}")
+
+  name = _setting(data_config, "name", BUNDLED_NAME)
+  if name == BUNDLED_NAME:
+    return _open(builders.ShakespeareBuilder(data_dir=data_dir), split, "text", name=name)
+  return _open(_registered_builder(name, data_dir), split,
+               _setting(data_config, "text_key", "text"), name=name)
+
+
+def get_texts(data_config: Any, split: str, max_chars: int | None = None) -> Iterator[str]:
+  """Yield the texts of `split` in record order, stopping once max_chars characters are out."""
+  source = get_source(data_config, split)
+  total = 0
+  for index in range(len(source)):
+    if max_chars is not None and total >= max_chars:
+      return
+    text = source[index]["text"]
+    total += len(text)
+    yield text
+
+
+def _registered_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """Return the TFDS builder registered as `name`."""
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as exc:
+    raise errors.DataError(
+        f"Unknown dataset {name!r}: it is neither {BUNDLED_NAME!r} nor a registered TFDS "
+        "dataset. For local text files use --config.data.files='path/*.txt'.") from exc
+
+
+def _open(builder: tfds.core.DatasetBuilder, split: str, text_key: str, name: str) -> TextSource:
+  """Prepare the builder if needed and open `split`, using "test" when "validation" is absent."""
+  builders.prepare(builder)
+  available = list(builder.info.splits.keys())
+  if split == "validation" and split not in available and "test" in available:
+    logging.info("Dataset %s has no validation split; using its test split.", name)
+    split = "test"
+  if split not in available:
+    raise errors.DataError(
+        f"Split {split!r} not found in dataset {name!r}. Available splits: {available}.")
+
+  data_source = builder.as_data_source(split=split)
+  features = builder.info.features
+  if text_key not in features:
+    raise errors.DataError(
+        f"Dataset {name!r} has no feature {text_key!r}. Set --config.data.text_key to one of "
+        f"{sorted(features.keys())}.")
+  return TextSource(data_source, text_key, name)
