@@ -1,0 +1,119 @@
+"""Command-line entry point: `python -m diffusion_text train|sample|eval [flags]`.
+
+Only parses flags, starts the distributed runtime and calls library functions that tests call
+too. Problems the user can fix are printed as one message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+COMMANDS = ("train", "sample", "eval")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. experiments/demo.py; override fields with "
+    "--config.a.b=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, "
+                               "metrics and samples.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "sample: number of sequences to draw.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "sample: sampler name; default: the run's "
+                               "sample.sampler.")
+_STEPS = flags.DEFINE_integer("steps", None, "sample: number of sampler steps; default: the run's "
+                              "sample.steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "sample/eval: use the EMA parameters.")
+_SPLIT = flags.DEFINE_string("split", "validation", "eval: split to evaluate.")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "eval: number of batches; 0: the whole "
+                                    "split.")
+
+
+def _load_config():
+  """The --config file's config; ml_collections defers load errors to the first field access."""
+  from diffusion_text.errors import ConfigError  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  try:
+    config.get("seed")
+  except OSError as exc:
+    reason = " ".join(str(exc).split())
+    raise ConfigError(f"--config: cannot load the config file ({reason}).") from exc
+  return config
+
+
+def run(command: str) -> None:
+  from diffusion_text import inference  # pylint: disable=import-outside-toplevel
+  from diffusion_text import parallel  # pylint: disable=import-outside-toplevel
+  from diffusion_text import train  # pylint: disable=import-outside-toplevel
+
+  parallel.maybe_initialize_distributed()
+  workdir = _WORKDIR.value
+  if command == "train":
+    if _CONFIG.value is None:
+      raise app.UsageError("train needs --config=experiments/<name>.py")
+    final = train.train_and_evaluate(_load_config(), workdir)
+    print(json.dumps({k: v for k, v in final.items() if not k.startswith("train/loss_by")}))
+  elif command == "sample":
+    texts = inference.sample(workdir, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
+                             steps=_STEPS.value, seed=_SEED.value, use_ema=_USE_EMA.value)
+    for i, text in enumerate(texts):
+      print(f"--- sample {i}\n{text}")
+  elif command == "eval":
+    result = inference.evaluate(workdir, split=_SPLIT.value, max_batches=_MAX_BATCHES.value,
+                                use_ema=_USE_EMA.value)
+    print(json.dumps(result))
+
+
+class _OwnInfoOnly:
+  """Logging filter: INFO lines from this package only; warnings and errors from everywhere.
+
+  orbax and tensorflow-datasets log dozens of INFO lines per checkpoint or dataset read.
+  """
+
+  def filter(self, record) -> bool:
+    return record.levelno > logging.converter.STANDARD_INFO or "diffusion_text" in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  from diffusion_text.errors import UserInputError  # pylint: disable=import-outside-toplevel
+
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f"usage: python -m diffusion_text {{{'|'.join(COMMANDS)}}} "
+                         f"--workdir=DIR [flags]; got arguments {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  try:
+    run(argv[1])
+  except UserInputError as exc:
+    logging.error("%s", exc)
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parse flags; a bad --config override gets one message naming the flag, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as exc:
+    detail = " ".join(str(exc).replace("\\'", "'").replace("\\n", " ").split())
+    culprits = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
+                and any(part and part in detail for part in arg.split("=")[0].split(".")[1:])]
+    where = culprits[-1] if culprits else "command line"
+    if isinstance(exc, (AttributeError, KeyError)):
+      suggestion = re.search(r'Did you mean "[^"]+"', detail)
+      detail = "no such config field." + (f" {suggestion.group(0)}?" if suggestion else "")
+    print(f"error: {where}: {detail}\nConfig fields are listed in docs/configs.md.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

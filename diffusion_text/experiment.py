@@ -1,0 +1,261 @@
+"""Everything a run is built from: workdir checks, tokenizer, model, sharded state, compiled steps.
+
+`train`, `sample` and `eval` all start from `Experiment`, so a checkpoint written by one is read
+the same way by the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import optax
+
+from diffusion_text import checkpoint as ckpt_lib
+from diffusion_text import config as config_lib
+from diffusion_text import parallel
+from diffusion_text import registry
+from diffusion_text import samplers
+from diffusion_text import sde as sde_lib
+from diffusion_text.data import sources
+from diffusion_text.data.tokenizer import Tokenizer
+from diffusion_text.errors import ConfigError
+from diffusion_text.models.transformer import ModelConfig
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as exc:
+      raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}; "
+                        "move it away or use a new --workdir.") from exc
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Check that `workdir` is new or holds a compatible run; record the config if new.
+
+  Nothing in an existing workdir is overwritten: a mismatching config or tokenizer stops here.
+  """
+  saved = load_saved_config(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if saved is not None:
+    config_lib.check_resume_compatible(config, saved, path)
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(tokenizer_path):
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != config.tokenizer.vocab_size:
+      raise ConfigError(
+          f"{tokenizer_path} has {tokenizer.vocab_size} pieces but --config.tokenizer.vocab_size="
+          f"{config.tokenizer.vocab_size}; use a new --workdir or set the vocabulary size to "
+          f"{tokenizer.vocab_size}.")
+  if saved is None and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomic(path, config_lib.to_json(config).encode("utf-8"))
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """Reuse `<workdir>/tokenizer.model`, or train one on the training split and save it there.
+
+  In a multi-host run process 0 trains it and sends the model to the others, because hosts
+  need not share a file system and sentencepiece's output depends on its thread count.
+  """
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    logging.info("tokenizer: reusing %s", path)
+    return Tokenizer.load(path)
+  logging.info("tokenizer: training %d pieces on the training split", config.tokenizer.vocab_size)
+  if jax.process_count() == 1:
+    texts = sources.get_texts(config.data, "train", max_chars=config.tokenizer.max_chars)
+    return Tokenizer.train(texts, config.tokenizer.vocab_size, path)
+
+  if jax.process_index() == 0:
+    texts = sources.get_texts(config.data, "train", max_chars=config.tokenizer.max_chars)
+    model_bytes = np.frombuffer(
+        Tokenizer.train(texts, config.tokenizer.vocab_size, path).serialized(), np.uint8)
+  else:
+    model_bytes = np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(model_bytes.size)))
+  padded = np.zeros(size, np.uint8)
+  padded[:model_bytes.size] = model_bytes
+  received = np.asarray(multihost_utils.broadcast_one_to_all(padded), np.uint8)
+  return Tokenizer.from_bytes(received.tobytes())
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+  return hashlib.sha256(tokenizer.serialized()).hexdigest()
+
+
+class Experiment:
+  """Model, schedule, mesh and state shardings for one config and tokenizer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.mesh = parallel.make_mesh(config.mesh)
+    self.rules = parallel.axis_rules(config.mesh)
+    self.model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
+    self.model = registry.get("model", config.model.name)(self.model_config)
+    self.schedule = sde_lib.make_schedule(config.sde)
+    self.loss_fn = registry.get("loss", config.loss.name)
+    self.optimizer = make_optimizer(config)
+    self._check_batch(config.train.batch_size, "--config.train.batch_size")
+
+    abstract_boxed = jax.eval_shape(functools.partial(self._init_state, boxed=True),
+                                    jax.random.key(0))
+    self.state_shardings = parallel.state_shardings(abstract_boxed, self.mesh, self.rules)
+    self.abstract_state = ckpt_lib.abstract_like(nn.unbox(abstract_boxed), self.state_shardings)
+    self.batch_sharding = parallel.batch_sharding(self.mesh)
+    self.replicated = parallel.replicated(self.mesh)
+
+  def _check_batch(self, batch_size: int, flag: str) -> None:
+    divisor = parallel.batch_divisor(self.mesh)
+    processes = jax.process_count()
+    step = math.lcm(divisor, processes)
+    if batch_size % step:
+      raise ConfigError(f"{flag}={batch_size} cannot be split over the mesh's data axes "
+                        f"({divisor} devices) and {processes} processes; use a multiple of {step}, "
+                        f"e.g. {max(step, batch_size // step * step)}.")
+
+  def _init_state(self, rng, boxed: bool = False) -> dict[str, Any]:
+    tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+    params = self.model.init(rng, tokens, jnp.zeros((1,)))["params"]
+    if not boxed:
+      params = nn.unbox(params)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
+            "opt_state": self.optimizer.init(params)}
+
+  def init_state(self) -> dict[str, Any]:
+    """Create the training state directly under its shardings (never whole on one device)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+      return init(jax.random.key(self.config.seed))
+
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+  def flops_per_token(self) -> float:
+    """Forward-pass FLOPs per token of the score network (matrix products only)."""
+    c = self.model_config
+    per_layer = 2 * 4 * c.width**2 + 2 * 2 * c.width * c.mlp_dim + 2 * 2 * c.seq_len * c.width
+    io = 2 * 2 * c.embed_dim * c.width + 2 * c.width * c.vocab_size
+    interpolate = 2 * c.vocab_size * c.embed_dim
+    return float(c.num_layers * per_layer + io + interpolate)
+
+  def train_flops_per_token(self) -> float:
+    # Forward and backward cost three forward passes; self-conditioning adds a forward pass
+    # on the share of batches that use it.
+    return (3.0 + self.config.loss.self_cond_prob) * self.flops_per_token()
+
+  # -- compiled functions -------------------------------------------------------------------
+
+  def make_train_step(self):
+    config, model, schedule, optimizer = self.config, self.model, self.schedule, self.optimizer
+    loss_fn, ema_decay = self.loss_fn, config.train.ema_decay
+    lr_schedule = make_lr_schedule(config)
+
+    def train_step(state, batch, base_rng):
+      rng = jax.random.fold_in(base_rng, state["step"])
+      tokens_bt = batch["tokens"]
+      mask_bt = jnp.ones(tokens_bt.shape, jnp.float32)
+
+      def objective(params):
+        return loss_fn(model, params, schedule, tokens_bt, mask_bt, rng,
+                       self_cond_prob=config.loss.self_cond_prob, train=True)
+
+      (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      # EMA with warm-up: early on the average follows the parameters closely.
+      decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
+      ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+      new_state = {"step": state["step"] + 1, "params": params, "ema": ema,
+                   "opt_state": opt_state}
+      metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+                 "train/learning_rate": lr_schedule(state["step"]),
+                 **{f"train/{k}": v for k, v in terms.items()}}
+      return new_state, metrics
+
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(train_step,
+                     in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+                     out_shardings=(self.state_shardings, self.replicated),
+                     donate_argnums=(0,))
+
+  def make_eval_step(self):
+    """(params, batch with mask, rng) -> (summed loss, number of real tokens)."""
+    model, schedule, loss_fn = self.model, self.schedule, self.loss_fn
+
+    def eval_step(params, batch, rng):
+      loss, _ = loss_fn(model, params, schedule, batch["tokens"], batch["mask"], rng,
+                        self_cond_prob=0.0, train=False)
+      count = jnp.sum(batch["mask"])
+      return loss * count, count
+
+    param_shardings = self.state_shardings["params"]
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(eval_step,
+                     in_shardings=(param_shardings, self.batch_sharding, self.replicated),
+                     out_shardings=(self.replicated, self.replicated))
+
+  def make_sampler(self, *, sampler: str, steps: int, num_samples: int):
+    """Compile (params, rng) -> (tokens [num_samples, seq_len], logits) for one sampler."""
+    self._check_batch(num_samples, "--num_samples")
+    model, schedule = self.model, self.schedule
+    shape = (num_samples, self.config.data.seq_len, self.config.model.embed_dim)
+
+    def sample(params, rng):
+      def denoise(z, t_b, x0_self):
+        return model.apply({"params": params}, z, schedule.log_snr(t_b), x0_self,
+                           method=model.denoise)
+
+      def interpolate(logits):
+        return model.apply({"params": params}, logits, method=model.interpolate)
+
+      return samplers.generate(denoise, interpolate, schedule, rng, shape=shape,
+                               sampler=sampler, steps=steps)
+
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(sample, in_shardings=(self.state_shardings["params"], self.replicated),
+                     out_shardings=(self.batch_sharding, self.batch_sharding))
+
+  def decode(self, tokens_bt) -> list[str]:
+    return [self.tokenizer.decode([int(t) for t in row]) for row in jax.device_get(tokens_bt)]
+
+
+def make_lr_schedule(config) -> optax.Schedule:
+  t = config.train
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=t.learning_rate * 0.1)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(config.train.grad_clip),
+      optax.adamw(make_lr_schedule(config), b1=0.9, b2=0.99,
+                  weight_decay=config.train.weight_decay))
