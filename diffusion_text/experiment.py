@@ -12,11 +12,12 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AbstractMesh, Mesh
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -111,12 +112,20 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 class Experiment:
-  """Model, schedule, mesh and state shardings for one config and tokenizer."""
+  """Model, schedule, mesh and state shardings for one config and tokenizer.
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  The mesh spans `devices` (default: every device of every process). Passing `mesh` instead,
+  for example a `jax.sharding.AbstractMesh`, builds shapes and shardings without devices. The
+  memory planner uses this to size a slice this machine does not have. Such an experiment
+  cannot create state or compile steps.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+               devices: Sequence[jax.Device] | None = None,
+               mesh: Mesh | AbstractMesh | None = None):
     self.config = config
     self.tokenizer = tokenizer
-    self.mesh = parallel.make_mesh(config.mesh)
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh, devices)
     self.rules = parallel.axis_rules(config.mesh)
     self.model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
     self.model = registry.get("model", config.model.name)(self.model_config)
@@ -127,6 +136,8 @@ class Experiment:
 
     abstract_boxed = jax.eval_shape(functools.partial(self._init_state, boxed=True),
                                     jax.random.key(0))
+    # Every dimension is checked against the mesh here, so a bad size stops before any compile.
+    parallel.check_shardable(abstract_boxed["params"], dict(self.mesh.shape), self.rules)
     self.state_shardings = parallel.state_shardings(abstract_boxed, self.mesh, self.rules)
     self.abstract_state = ckpt_lib.abstract_like(nn.unbox(abstract_boxed), self.state_shardings)
     self.batch_sharding = parallel.batch_sharding(self.mesh)
@@ -244,7 +255,9 @@ class Experiment:
                      out_shardings=(self.batch_sharding, self.batch_sharding))
 
   def decode(self, tokens_bt) -> list[str]:
-    return [self.tokenizer.decode([int(t) for t in row]) for row in jax.device_get(tokens_bt)]
+    """Decode every row on every process, also when the rows are split across processes."""
+    return [self.tokenizer.decode([int(t) for t in row])
+            for row in parallel.gather_to_host(tokens_bt)]
 
 
 def make_lr_schedule(config) -> optax.Schedule:
