@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m diffusion_text train|sample|eval [flags]`.
+"""Command-line entry point: `python -m diffusion_text train|sample|eval|plan [flags]`.
 
 Only parses flags, starts the distributed runtime and calls library functions that tests call
 too. Problems the user can fix are printed as one message, without a traceback.
@@ -15,7 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "sample", "eval")
+COMMANDS = ("train", "sample", "eval", "plan")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/demo.py; override fields with "
@@ -32,6 +32,8 @@ _USE_EMA = flags.DEFINE_bool("use_ema", True, "sample/eval: use the EMA paramete
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: split to evaluate.")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "eval: number of batches; 0: the whole "
                                     "split.")
+_DEVICES = flags.DEFINE_integer("devices", None, "plan: number of devices to plan for; default: "
+                                "the devices this process sees.")
 
 
 def _load_config():
@@ -50,6 +52,7 @@ def _load_config():
 def run(command: str) -> None:
   from diffusion_text import inference  # pylint: disable=import-outside-toplevel
   from diffusion_text import parallel  # pylint: disable=import-outside-toplevel
+  from diffusion_text import plan  # pylint: disable=import-outside-toplevel
   from diffusion_text import train  # pylint: disable=import-outside-toplevel
 
   parallel.maybe_initialize_distributed()
@@ -68,6 +71,11 @@ def run(command: str) -> None:
     result = inference.evaluate(workdir, split=_SPLIT.value, max_batches=_MAX_BATCHES.value,
                                 use_ema=_USE_EMA.value)
     print(json.dumps(result))
+  elif command == "plan":
+    if _CONFIG.value is None:
+      raise app.UsageError("plan needs --config=experiments/<name>.py")
+    import jax  # pylint: disable=import-outside-toplevel
+    print(plan.format_plan(plan.make_plan(_load_config(), _DEVICES.value or jax.device_count())))
 
 
 class _OwnInfoOnly:
@@ -88,7 +96,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m diffusion_text {{{'|'.join(COMMANDS)}}} "
                          f"--workdir=DIR [flags]; got arguments {argv[1:]}")
-  if _WORKDIR.value is None:
+  if _WORKDIR.value is None and argv[1] != "plan":
     raise app.UsageError("--workdir is required")
   try:
     run(argv[1])
