@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,7 +25,7 @@ class Checkpointer:
   """Save and restore run checkpoints under `<workdir>/checkpoints/<step>/`."""
 
   def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(_absolute(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -68,6 +69,11 @@ class Checkpointer:
     self._manager.close()
 
 
+def _absolute(path: str) -> str:
+  """Make a local path absolute; leave URLs such as gs://bucket/run, which orbax opens itself."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def encode_bytes(data: bytes) -> str:
   return base64.b64encode(data).decode("ascii")
 
@@ -85,7 +91,7 @@ def abstract_like(state: Any, shardings: Any) -> Any:
 def latest_meta(workdir: str) -> tuple[int, dict] | None:
   """Return (step, meta) of the newest checkpoint in `workdir`, or None when there is none."""
   directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not epath.Path(directory).is_dir():
     return None
   checkpointer = Checkpointer(workdir)
   try:
