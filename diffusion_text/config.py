@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.validation_files = ""  # Glob(s) of validation files; default: hold out whole files.
   c.data.validation_fraction = 0.1  # Share of files (or documents, for one file) held out.
   c.data.documents = "paragraph"  # How text files split into documents: paragraph | file | line.
+  c.data.decode_errors = "strict"  # Invalid UTF-8: "strict" raises, "replace" reads it as U+FFFD.
   c.data.text_key = "text"  # Feature holding the text in a TFDS dataset.
   c.data.tfds_dir = ""  # Where prepared datasets go; default ~/.cache/diffusion_text/tfds.
   c.data.seq_len = 128  # Tokens per training window.
@@ -57,46 +58,51 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "transformer"  # Registry name of the score network.
   c.model.embed_dim = 64  # Dimension of the token embeddings that are diffused (the latent).
-  c.model.width = 256  # Transformer hidden size.
+  c.model.width = 192  # Transformer hidden size.
   c.model.num_layers = 4
   c.model.num_heads = 4
-  c.model.mlp_dim = 1024
+  c.model.mlp_dim = 768
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # Activation dtype: float32 or bfloat16; parameters stay float32.
+  c.model.conditional = False  # Feed fixed tokens to the network (needed for guidance).
 
   c.sde = ml_collections.ConfigDict()
-  c.sde.schedule = "cosine"  # "cosine" or "linear", or a registered name.
+  c.sde.schedule = "log_linear"  # "log_linear", "cosine" or "linear", or a registered name.
   c.sde.t_min = 1e-4  # Smallest diffusion time used by training, sampling and evaluation.
-  c.sde.log_snr_max = 10.0  # cosine: log-SNR at t = 0.
-  c.sde.log_snr_min = -10.0  # cosine: log-SNR at t = 1.
+  c.sde.log_snr_max = 2.0  # log_linear and cosine: log-SNR at t = 0.
+  c.sde.log_snr_min = -10.0  # log_linear and cosine: log-SNR at t = 1.
   c.sde.beta_min = 0.1  # linear: beta(0).
   c.sde.beta_max = 20.0  # linear: beta(1).
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "ce"  # "ce" (score interpolation, CDCD) or "x0_mse" (Diffusion-LM style).
   c.loss.self_cond_prob = 0.5  # Probability that a training batch uses self-conditioning.
+  c.loss.cond_drop_prob = 0.0  # model.conditional: share of examples trained without condition.
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 2000
+  c.train.steps = 600
   c.train.batch_size = 32  # Global batch size, summed over all devices and hosts.
-  c.train.learning_rate = 1e-3  # Peak learning rate of AdamW.
-  c.train.warmup_steps = 100
+  c.train.learning_rate = 2e-3  # Peak learning rate of AdamW.
+  c.train.warmup_steps = 50
   c.train.weight_decay = 0.01
   c.train.grad_clip = 1.0  # Maximum global gradient norm.
   c.train.ema_decay = 0.999
   c.train.log_every = 50
-  c.train.eval_every = 500
+  c.train.eval_every = 200
   c.train.eval_batches = 8  # Validation batches per evaluation (0: the whole split).
-  c.train.sample_every = 1000
-  c.train.checkpoint_every = 500
+  c.train.sample_every = 600
+  c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 2
+  c.train.max_bad_steps = 20  # Stop after this many steps in a row with non-finite loss/gradients.
   c.train.max_minutes = 0.0  # Stop (with a checkpoint) after this much training time; 0: no limit.
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "euler_maruyama"  # "euler_maruyama" or "ode_euler".
+  # euler_maruyama, ode_euler, ode_heun, ddpm, dpm_solver_pp_1, dpm_solver_pp_2, dpm_solver_pp_3.
+  c.sample.sampler = "euler_maruyama"
   c.sample.steps = 128
   c.sample.num_samples = 8
-  c.sample.use_ema = True
+  c.sample.grid = "t"  # Time grid: "t" (even in t) or "log_snr" (even in log-SNR).
+  c.sample.clamp = False  # Replace x0_hat by its nearest embedding row at every step.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -109,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "data.documents": ("paragraph", "file", "line"),
     "model.dtype": ("float32", "bfloat16"),
+    "sample.grid": ("t", "log_snr"),
 }
 
 # Fields that must agree between a run and the workdir it resumes from: anything that changes
@@ -135,7 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   for field in ("data.seq_len", "tokenizer.vocab_size", "model.embed_dim", "model.width",
                 "model.num_layers", "model.num_heads", "model.mlp_dim", "train.steps",
-                "train.batch_size", "train.log_every", "train.checkpoint_every",
+                "train.batch_size", "train.log_every", "train.checkpoint_every", "train.max_bad_steps",
                 "train.keep_checkpoints", "sample.steps", "sample.num_samples"):
     positive(field)
   for field, choices in _CHOICES.items():
@@ -162,6 +169,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"--config.sde.t_min={config.sde.t_min} must lie in (0, 0.1).")
   if not 0.0 <= config.loss.self_cond_prob <= 1.0:
     raise ConfigError(f"--config.loss.self_cond_prob={config.loss.self_cond_prob} must lie in [0, 1].")
+  if not 0.0 <= config.loss.cond_drop_prob <= 1.0:
+    raise ConfigError(f"--config.loss.cond_drop_prob={config.loss.cond_drop_prob} must lie in [0, 1].")
+  if config.loss.cond_drop_prob > 0.0 and not config.model.conditional:
+    raise ConfigError(f"--config.loss.cond_drop_prob={config.loss.cond_drop_prob} has no effect "
+                      "unless the network reads the condition; set --config.model.conditional=True "
+                      "or --config.loss.cond_drop_prob=0.")
   if not 0.0 <= config.train.ema_decay < 1.0:
     raise ConfigError(f"--config.train.ema_decay={config.train.ema_decay} must lie in [0, 1).")
   if not 0.0 < config.data.validation_fraction < 1.0:

@@ -18,6 +18,7 @@ looked up by name from the config (`sde.schedule`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Protocol
 
@@ -135,6 +136,30 @@ class Cosine:
     return (jnp.arctan(jnp.exp(-0.5 * lam)) - self._b) / self._a
 
 
+@dataclasses.dataclass(frozen=True)
+class LogLinear:
+  """lambda(t) falls linearly from log_snr_max at t = 0 to log_snr_min at t = 1.
+
+  Uniform t then means uniform log-SNR, so training time is spread evenly over noise levels
+  instead of piling up at both ends as under the cosine schedule. beta(t) =
+  sigmoid(-lambda_t) (log_snr_max - log_snr_min) is bounded, which keeps few-step samplers
+  stable near t = 1.
+  """
+
+  log_snr_min: float = -12.0
+  log_snr_max: float = 3.0
+  t_min: float = 1e-4
+
+  def log_snr(self, t: Array) -> Array:
+    return self.log_snr_max + (self.log_snr_min - self.log_snr_max) * t
+
+  def dlog_snr_dt(self, t: Array) -> Array:
+    return jnp.full_like(t, self.log_snr_min - self.log_snr_max)
+
+  def t_from_log_snr(self, lam: Array) -> Array:
+    return (lam - self.log_snr_max) / (self.log_snr_min - self.log_snr_max)
+
+
 def _log_expm1(x: Array) -> Array:
   """log(exp(x) - 1), accurate for small and large x."""
   return jnp.where(x > 20.0, x, jnp.log(jnp.expm1(jnp.minimum(x, 20.0))))
@@ -142,11 +167,18 @@ def _log_expm1(x: Array) -> Array:
 
 registry.register("schedule", "linear")(LinearBeta)
 registry.register("schedule", "cosine")(Cosine)
+registry.register("schedule", "log_linear")(LogLinear)
 
 
-def make_schedule(name: str, t_min: float) -> Schedule:
-  """Build the schedule registered as `name` (see `diffusion_text.registry`)."""
-  return registry.get("schedule", name)(t_min=t_min)
+def make_schedule(sde_config) -> Schedule:
+  """Build the schedule named by `sde_config.schedule` (see `diffusion_text.registry`).
+
+  The factory receives the fields of `sde_config` that its signature names.
+  """
+  factory = registry.get("schedule", sde_config.schedule)
+  fields = {f.name for f in dataclasses.fields(factory)} if dataclasses.is_dataclass(factory) \
+      else set(inspect.signature(factory).parameters)
+  return factory(**{k: v for k, v in sde_config.items() if k in fields})
 
 
 def prior_kl(x0: Array, schedule: Schedule) -> Array:

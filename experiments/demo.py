@@ -1,4 +1,4 @@
-"""The CPU demo: a 3.7M-parameter embedding diffusion model on the bundled Shakespeare corpus.
+"""The CPU demo: a small embedding diffusion model on the bundled Shakespeare corpus.
 
     python -m diffusion_text train --config=experiments/demo.py --workdir=runs/demo
 

@@ -8,7 +8,7 @@ import pytest
 from diffusion_text import sde
 
 SCHEDULES = [sde.LinearBeta(), sde.Cosine(), sde.LinearBeta(beta_min=0.5, beta_max=7.0),
-             sde.Cosine(log_snr_min=-7.0, log_snr_max=13.0)]
+             sde.Cosine(log_snr_min=-7.0, log_snr_max=13.0), sde.LogLinear()]
 TIMES = np.array([1e-4, 0.003, 0.1, 0.37, 0.5, 0.81, 0.999, 1.0])
 
 
