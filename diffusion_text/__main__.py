@@ -28,6 +28,22 @@ _SAMPLER = flags.DEFINE_string("sampler", None, "sample: sampler name; default: 
 _STEPS = flags.DEFINE_integer("steps", None, "sample: number of sampler steps; default: the run's "
                               "sample.steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_PREFIX = flags.DEFINE_string("prefix", None, "sample: text that every sample starts with.")
+_TEMPLATE = flags.DEFINE_string("template", None, "sample: text with gaps to fill, written "
+                                "[MASK] (one token) or [MASK:N] (N tokens).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "sample: classifier-free guidance scale for "
+                               "--prefix/--template (0: unconditional, 1: conditional); needs "
+                               "a model trained with model.conditional. Default: no guidance.")
+_GRID = flags.DEFINE_enum("grid", None, ["t", "log_snr"], "sample: time grid, even in t or in "
+                          "log-SNR; default: the run's sample.grid.")
+_CLAMP = flags.DEFINE_bool("clamp", None, "sample: clamp x0_hat to the nearest embedding at "
+                           "every step; default: the run's sample.clamp.")
+_ROUNDING = flags.DEFINE_enum("rounding", "argmax", ["argmax", "sample"], "sample: final "
+                              "token choice, the most likely token or a draw from the logits.")
+_ROUNDING_FLOAT64 = flags.DEFINE_bool("rounding_float64", False, "sample: draw the final tokens "
+                                      "in float64 (turns on jax_enable_x64).")
+_TIME_SAMPLES = flags.DEFINE_integer("time_samples", 1, "eval: draws of t and noise per "
+                                     "sequence for the likelihood bound.")
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "sample/eval: use the EMA parameters.")
 _SPLIT = flags.DEFINE_string("split", "validation", "eval: split to evaluate.")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "eval: number of batches; 0: the whole "
@@ -37,7 +53,7 @@ _DEVICES = flags.DEFINE_integer("devices", None, "plan: number of devices to pla
 
 
 def _load_config():
-  """The --config file's config; ml_collections defers load errors to the first field access."""
+  """Load the --config file, turning ml_collections' deferred load errors into a ConfigError."""
   from diffusion_text.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
   config = _CONFIG.value
@@ -64,12 +80,15 @@ def run(command: str) -> None:
     print(json.dumps({k: v for k, v in final.items() if not k.startswith("train/loss_by")}))
   elif command == "sample":
     texts = inference.sample(workdir, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
-                             steps=_STEPS.value, seed=_SEED.value, use_ema=_USE_EMA.value)
+                             steps=_STEPS.value, seed=_SEED.value, use_ema=_USE_EMA.value,
+                             prefix=_PREFIX.value, template=_TEMPLATE.value,
+                             guidance=_GUIDANCE.value, grid=_GRID.value, clamp=_CLAMP.value,
+                             rounding=_ROUNDING.value, rounding_float64=_ROUNDING_FLOAT64.value)
     for i, text in enumerate(texts):
       print(f"--- sample {i}\n{text}")
   elif command == "eval":
     result = inference.evaluate(workdir, split=_SPLIT.value, max_batches=_MAX_BATCHES.value,
-                                use_ema=_USE_EMA.value)
+                                use_ema=_USE_EMA.value, time_samples=_TIME_SAMPLES.value)
     print(json.dumps(result))
   elif command == "plan":
     if _CONFIG.value is None:

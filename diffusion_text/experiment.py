@@ -188,6 +188,9 @@ class Experiment:
     config, model, schedule, optimizer = self.config, self.model, self.schedule, self.optimizer
     loss_fn, ema_decay = self.loss_fn, config.train.ema_decay
     lr_schedule = make_lr_schedule(config)
+    # Only conditional models take the drop probability, so user losses need not know it.
+    cond_options = ({"cond_drop_prob": config.loss.get("cond_drop_prob", 0.0)}
+                    if self.model_config.conditional else {})
 
     def train_step(state, batch, base_rng):
       rng = jax.random.fold_in(base_rng, state["step"])
@@ -196,7 +199,7 @@ class Experiment:
 
       def objective(params):
         return loss_fn(model, params, schedule, tokens_bt, mask_bt, rng,
-                       self_cond_prob=config.loss.self_cond_prob, train=True)
+                       self_cond_prob=config.loss.self_cond_prob, train=True, **cond_options)
 
       (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
       updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

@@ -1,9 +1,10 @@
 """Training objectives for embedding diffusion.
 
 Each loss has the signature `loss(model, params, schedule, tokens_bt, mask_bt, rng, *,
-self_cond_prob, train) -> (loss, terms)` where `terms` maps names to scalars that the trainer
-logs (every term of the objective, plus the loss split by diffusion time). Losses are looked up
-by name (`loss.name`); register your own with `registry.register("loss", name)`.
+self_cond_prob, train, cond_drop_prob=0.0) -> (loss, terms)` where `terms` maps names to
+scalars that the trainer logs (every term of the objective, plus the loss split by diffusion
+time). Losses are looked up by name (`loss.name`); register your own with
+`registry.register("loss", name)`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import jax.numpy as jnp
 import optax
 
 from diffusion_text import registry
+from diffusion_text import samplers
 from diffusion_text import sde as sde_lib
 
 NUM_TIME_BINS = 4  # Loss is also reported for t in [0, 1/4), [1/4, 1/2), ...
+_CONDITION_STREAM = 0x636F6E64  # fold_in tag for the random conditions of a conditional model
 
 
 def stratified_times(rng: jax.Array, batch: int, t_min: float) -> jax.Array:
@@ -46,9 +49,31 @@ def loss_by_time(values_bt, mask_bt, t_b) -> dict[str, jax.Array]:
   return out
 
 
-def noisy_logits(model, params, schedule, x0_btl, t_b, rng, *, self_cond_prob, mask_bt, train):
+def random_condition(rng, x0_btl, drop_prob: float) -> jax.Array:
+  """Condition features (`samplers.condition_features`) of random fixed tokens per example.
+
+  Half of the examples fix a prefix of uniform length in [0, length), the other half fix each
+  position with a probability drawn uniformly from [0, 1). With probability `drop_prob` an
+  example's condition is dropped (all zeros), which trains the unconditional model that
+  classifier-free guidance needs.
+  """
+  batch, length = x0_btl.shape[:2]
+  rng_kind, rng_len, rng_rate, rng_pos, rng_drop = jax.random.split(rng, 5)
+  prefix_len_b = jax.random.randint(rng_len, (batch, 1), 0, length)
+  prefix_bt = jnp.arange(length)[None, :] < prefix_len_b
+  rate_b1 = jax.random.uniform(rng_rate, (batch, 1))
+  scattered_bt = jax.random.uniform(rng_pos, (batch, length)) < rate_b1
+  use_prefix_b1 = jax.random.bernoulli(rng_kind, 0.5, (batch, 1))
+  keep_b1 = ~jax.random.bernoulli(rng_drop, drop_prob, (batch, 1))
+  fixed_bt = jnp.where(use_prefix_b1, prefix_bt, scattered_bt) & keep_b1
+  return samplers.condition_features(x0_btl, fixed_bt)
+
+
+def noisy_logits(model, params, schedule, x0_btl, t_b, rng, *, self_cond_prob, mask_bt, train,
+                 cond_btc=None):
   """Noise x0 to time t and return the network's logits; with probability `self_cond_prob`
-  (one draw per batch) a first pass's stop-gradient x0_hat is fed back, as at sampling time."""
+  (one draw per batch) a first pass's stop-gradient x0_hat is fed back, as at sampling time.
+  `cond_btc` is the condition input of a conditional model (None: no condition)."""
   rng_eps, rng_self, rng_drop1, rng_drop2 = jax.random.split(rng, 4)
   eps_btl = jax.random.normal(rng_eps, x0_btl.shape, x0_btl.dtype)
   z_btl = sde_lib.sample_marginal(schedule, x0_btl, t_b, eps_btl)
@@ -56,7 +81,7 @@ def noisy_logits(model, params, schedule, x0_btl, t_b, rng, *, self_cond_prob, m
 
   def denoise(x0_self_btl, rng_drop):
     return model.apply({"params": params}, z_btl, log_snr_b, x0_self_btl, mask_bt, not train,
-                       method=model.denoise, rngs={"dropout": rng_drop})
+                       cond_btc, method=model.denoise, rngs={"dropout": rng_drop})
 
   zeros_btl = jnp.zeros_like(x0_btl)
   if self_cond_prob <= 0.0:
@@ -71,9 +96,21 @@ def noisy_logits(model, params, schedule, x0_btl, t_b, rng, *, self_cond_prob, m
   return denoise(x0_self_btl, rng_drop2)
 
 
+def _training_condition(model, rng, x0_btl, cond_drop_prob):
+  """Random condition for a conditional model; None (no condition input) otherwise.
+
+  The condition's stream is folded out of `rng`, so unconditional models draw exactly the
+  random numbers they drew before conditioning existed.
+  """
+  if not getattr(getattr(model, "cfg", None), "conditional", False):
+    return None
+  rng_cond = jax.random.fold_in(rng, _CONDITION_STREAM)
+  return random_condition(rng_cond, jax.lax.stop_gradient(x0_btl), cond_drop_prob)
+
+
 @registry.register("loss", "ce")
 def cross_entropy_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_prob,
-                       train):
+                       train, cond_drop_prob=0.0):
   """Cross-entropy of the clean token given z_t, with t uniform (score interpolation, CDCD).
 
   loss = E_t E_{z_t ~ q(z_t | x0)} [ -log p_theta(w | z_t) ], averaged over real positions.
@@ -81,8 +118,10 @@ def cross_entropy_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self
   rng_t, rng_noise = jax.random.split(rng)
   t_b = stratified_times(rng_t, tokens_bt.shape[0], schedule.t_min)
   x0_btl = model.apply({"params": params}, tokens_bt, method=model.embed)
+  cond_btc = _training_condition(model, rng, x0_btl, cond_drop_prob)
   logits_btv = noisy_logits(model, params, schedule, x0_btl, t_b, rng_noise,
-                            self_cond_prob=self_cond_prob, mask_bt=mask_bt, train=train)
+                            self_cond_prob=self_cond_prob, mask_bt=mask_bt, train=train,
+                            cond_btc=cond_btc)
   ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt)
   loss = masked_mean(ce_bt, mask_bt)
   terms = {"ce": loss, **loss_by_time(ce_bt, mask_bt, t_b)}
@@ -90,7 +129,8 @@ def cross_entropy_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self
 
 
 @registry.register("loss", "x0_mse")
-def x0_mse_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_prob, train):
+def x0_mse_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_prob, train,
+                cond_drop_prob=0.0):
   """Diffusion-LM style: ||x0_hat - x0||^2 per dimension at uniform t, plus a rounding term.
 
   The rounding term is the cross-entropy of the clean token given z at t_min, the same quantity
@@ -100,14 +140,17 @@ def x0_mse_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_p
   batch = tokens_bt.shape[0]
   t_b = stratified_times(rng_t, batch, schedule.t_min)
   x0_btl = model.apply({"params": params}, tokens_bt, method=model.embed)
+  cond_btc = _training_condition(model, rng, x0_btl, cond_drop_prob)
   logits_btv = noisy_logits(model, params, schedule, x0_btl, t_b, rng_noise,
-                            self_cond_prob=self_cond_prob, mask_bt=mask_bt, train=train)
+                            self_cond_prob=self_cond_prob, mask_bt=mask_bt, train=train,
+                            cond_btc=cond_btc)
   x0_hat_btl = model.apply({"params": params}, logits_btv, method=model.interpolate)
   mse_bt = jnp.mean((x0_hat_btl - x0_btl) ** 2, axis=-1)
 
   t_min_b = jnp.full((batch,), schedule.t_min)
   round_logits_btv = noisy_logits(model, params, schedule, x0_btl, t_min_b, rng_round,
-                                  self_cond_prob=0.0, mask_bt=mask_bt, train=train)
+                                  self_cond_prob=0.0, mask_bt=mask_bt, train=train,
+                                  cond_btc=cond_btc)
   rounding_bt = optax.softmax_cross_entropy_with_integer_labels(round_logits_btv, tokens_bt)
 
   mse, rounding = masked_mean(mse_bt, mask_bt), masked_mean(rounding_bt, mask_bt)

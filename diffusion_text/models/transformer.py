@@ -34,13 +34,17 @@ class ModelConfig:
   mlp_dim: int
   dropout: float = 0.0
   dtype: str = "float32"
+  # Whether the network reads the fixed tokens (`samplers.condition_features`) as an extra
+  # input, which classifier-free guidance needs. It adds the parameters of one dense layer.
+  conditional: bool = False
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
     m = config.model
     return cls(vocab_size=vocab_size, seq_len=config.data.seq_len, embed_dim=m.embed_dim,
                width=m.width, num_layers=m.num_layers, num_heads=m.num_heads,
-               mlp_dim=m.mlp_dim, dropout=m.dropout, dtype=m.dtype)
+               mlp_dim=m.mlp_dim, dropout=m.dropout, dtype=m.dtype,
+               conditional=m.get("conditional", False))
 
 
 def log_snr_features(log_snr_b: jax.Array, dim: int) -> jax.Array:
@@ -122,7 +126,8 @@ class ScoreTransformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, z_btl, log_snr_b, x0_self_btl, mask_bt=None, deterministic=True):
+  def __call__(self, z_btl, log_snr_b, x0_self_btl, mask_bt=None, deterministic=True,
+               cond_btc=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     length = z_btl.shape[1]
     if length > cfg.seq_len:
@@ -134,6 +139,12 @@ class ScoreTransformer(nn.Module):
              + _dense(cfg.width, ("latent", "embed"), "self_cond", dtype, use_bias=False)(
                  x0_self_btl.astype(dtype))
              + pos_td[None, :length].astype(dtype))
+    if cfg.conditional:
+      # cond [batch, length, embed_dim + 1]; all zeros means "no condition".
+      if cond_btc is None:
+        cond_btc = jnp.zeros(z_btl.shape[:-1] + (z_btl.shape[-1] + 1,), z_btl.dtype)
+      x_btd = x_btd + _dense(cfg.width, ("latent", "embed"), "condition", dtype, use_bias=False)(
+          cond_btc.astype(dtype))
     x_btd = _constrain(x_btd, ("act_batch", "act_length", "act_embed"))
 
     feats_bd = log_snr_features(log_snr_b, cfg.width)
@@ -172,8 +183,10 @@ class DiffusionLM(nn.Module):
   def embed(self, tokens_bt):
     return self.embedding(tokens_bt)
 
-  def denoise(self, z_btl, log_snr_b, x0_self_btl, mask_bt=None, deterministic=True):
-    return self.network(z_btl, log_snr_b, x0_self_btl, mask_bt, deterministic)
+  def denoise(self, z_btl, log_snr_b, x0_self_btl, mask_bt=None, deterministic=True,
+              cond_btc=None):
+    """Logits [batch, length, vocab]; `cond_btc` is read only by a conditional model."""
+    return self.network(z_btl, log_snr_b, x0_self_btl, mask_bt, deterministic, cond_btc)
 
   def interpolate(self, logits_btv):
     return self.embedding.interpolate(logits_btv)
