@@ -1,14 +1,27 @@
-"""Sampling and evaluation of a trained run, read back from its workdir."""
+"""Sampling and evaluation of a trained run, read back from its workdir.
+
+Sampling can condition on text: `--prefix=TEXT` fixes the first tokens, and
+`--template=TEXT` fixes literal text with gaps written as `[MASK]` (one token) or `[MASK:N]`
+(N tokens), e.g. "To be, or [MASK:3] to be". Positions after the prefix or template are
+generated too. Evaluation reports the variational bound of `likelihood.py` in bits per token.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from diffusion_text import checkpoint as ckpt_lib
+from diffusion_text import likelihood
+from diffusion_text import parallel
+from diffusion_text import samplers
 from diffusion_text import train as train_lib
 from diffusion_text.data import pipeline
 from diffusion_text.data import sources
@@ -38,20 +51,150 @@ def load_run(workdir: str) -> tuple[Experiment, dict, int]:
   return experiment, state, step
 
 
+PLACEHOLDER = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+def parse_template(tokenizer: Tokenizer, template: str, seq_len: int) -> tuple[np.ndarray,
+                                                                                np.ndarray]:
+  """Token ids [seq_len] and fixed-position mask [seq_len] of a template with `[MASK]` gaps.
+
+  Each literal piece of text is tokenized on its own, `[MASK]` leaves one position free and
+  `[MASK:N]` leaves N. Positions after the template are free.
+  """
+  tokens = np.zeros(seq_len, np.int32)
+  fixed = np.zeros(seq_len, bool)
+  position = 0
+
+  def place(ids, is_fixed):
+    nonlocal position
+    if position + len(ids) > seq_len:
+      raise ConfigError(f"the template needs more than the model's {seq_len} positions; "
+                        f"shorten it: {template!r}")
+    tokens[position:position + len(ids)] = ids
+    fixed[position:position + len(ids)] = is_fixed
+    position += len(ids)
+
+  cursor = 0
+  for match in PLACEHOLDER.finditer(template):
+    place(tokenizer.encode(template[cursor:match.start()]), True)
+    place([0] * int(match.group(1) or 1), False)
+    cursor = match.end()
+  place(tokenizer.encode(template[cursor:]), True)
+  return tokens, fixed
+
+
+def make_sampler(experiment: Experiment, *, sampler: str, steps: int, num_samples: int,
+                 conditioned: bool = False, guidance: float | None = None, grid: str = "t",
+                 clamp: bool = False, rounding: str = "argmax", rounding_float64: bool = False):
+  """Compile sampling with every option of `samplers.generate`.
+
+  Returns `fn(params, rng)`, or `fn(params, rng, tokens_bt, fixed_bt)` when `conditioned`, that
+  returns (tokens [num_samples, seq_len], logits).
+  """
+  experiment._check_batch(num_samples, "--num_samples")  # pylint: disable=protected-access
+  model, schedule = experiment.model, experiment.schedule
+  shape = (num_samples, experiment.config.data.seq_len, experiment.config.model.embed_dim)
+  if guidance is not None and not experiment.model_config.conditional:
+    raise ConfigError("--guidance needs a model trained with --config.model.conditional=True; "
+                      "this run's network does not read the fixed tokens.")
+  if guidance is not None and not conditioned:
+    raise ConfigError("--guidance needs fixed tokens; pass --prefix or --template.")
+
+  def sample(params, rng, tokens_bt=None, fixed_bt=None):
+    def denoise(z, t_b, x0_self, cond=None):
+      return model.apply({"params": params}, z, schedule.log_snr(t_b), x0_self, None, True, cond,
+                         method=model.denoise)
+
+    def interpolate(logits):
+      return model.apply({"params": params}, logits, method=model.interpolate)
+
+    table = model.apply({"params": params}, method=model.embedding_table)
+    condition = samplers.Condition(tokens_bt, fixed_bt) if conditioned else None
+    return samplers.generate(
+        denoise, interpolate, schedule, rng, shape=shape, sampler=sampler, steps=steps,
+        grid=grid, table=table, clamp=clamp, condition=condition, guidance=guidance,
+        rounding=rounding, rounding_dtype=jnp.float64 if rounding_float64 else jnp.float32)
+
+  params_sharding = experiment.state_shardings["params"]
+  in_shardings = (params_sharding, experiment.replicated)
+  if conditioned:
+    in_shardings += (experiment.batch_sharding, experiment.batch_sharding)
+  with jax.set_mesh(experiment.mesh), nn.logical_axis_rules(experiment.rules):
+    return jax.jit(sample, in_shardings=in_shardings,
+                   out_shardings=(experiment.batch_sharding, experiment.batch_sharding))
+
+
 def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | None,
-           seed: int, use_ema: bool = True) -> list[str]:
+           seed: int, use_ema: bool = True, prefix: str | None = None,
+           template: str | None = None, guidance: float | None = None, grid: str | None = None,
+           clamp: bool | None = None, rounding: str = "argmax",
+           rounding_float64: bool = False) -> list[str]:
+  """Draw `num_samples` texts; unset options fall back to the run's `sample.*` config."""
+  if prefix is not None and template is not None:
+    raise ConfigError("--prefix and --template both fix text; pass only one.")
+  if rounding_float64:
+    # Must happen before any array is created, so that float64 exists inside the compiled step.
+    jax.config.update("jax_enable_x64", True)
   experiment, state, _ = load_run(workdir)
   config = experiment.config
-  sample_fn = experiment.make_sampler(sampler=sampler or config.sample.sampler,
-                                      steps=steps or config.sample.steps, num_samples=num_samples)
+  sampler = sampler or config.sample.sampler
+  steps = steps or config.sample.steps
+  grid = grid or config.sample.get("grid", "t")
+  clamp = config.sample.get("clamp", False) if clamp is None else clamp
+  conditioned = prefix is not None or template is not None
+  sample_fn = make_sampler(experiment, sampler=sampler, steps=steps, num_samples=num_samples,
+                           conditioned=conditioned, guidance=guidance, grid=grid, clamp=clamp,
+                           rounding=rounding, rounding_float64=rounding_float64)
+  logging.info("sampling %d sequences with %s, %d steps (%d network evaluations), grid %s",
+               num_samples, sampler, steps, samplers.nfe(sampler, steps, guidance is not None),
+               grid)
   params = state["ema"] if use_ema else state["params"]
   rng = jax.random.key(seed)
-  tokens, _ = sample_fn(params, rng)
+  if not conditioned:
+    tokens, _ = sample_fn(params, rng)
+    return experiment.decode(tokens)
+
+  text = template if template is not None else prefix
+  tokens_t, fixed_t = parse_template(experiment.tokenizer, text, config.data.seq_len)
+  local_rows = num_samples // jax.process_count()
+  batch = lambda row: parallel.global_batch({"x": np.tile(row, (local_rows, 1))},
+                                            experiment.mesh)["x"]
+  tokens, _ = sample_fn(params, rng, batch(tokens_t), batch(fixed_t))
   return experiment.decode(tokens)
 
 
-def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True) -> dict:
-  """Validation loss of the newest checkpoint on `split` (mean cross-entropy in nats/token)."""
+def make_elbo_step(experiment: Experiment):
+  """Compile (params, batch with mask, rng) -> per-sequence terms of `likelihood.elbo_terms`."""
+  model, schedule = experiment.model, experiment.schedule
+
+  def elbo_step(params, batch, rng):
+    tokens_bt, mask_bt = batch["tokens"], batch["mask"]
+    x0_btl = model.apply({"params": params}, tokens_bt, method=model.embed)
+
+    def denoise(z, t_b):
+      return model.apply({"params": params}, z, schedule.log_snr(t_b), jnp.zeros_like(z),
+                         mask_bt, method=model.denoise)
+
+    def interpolate(logits):
+      return model.apply({"params": params}, logits, method=model.interpolate)
+
+    return likelihood.elbo_terms(denoise, interpolate, schedule, x0_btl, tokens_bt, mask_bt, rng)
+
+  with jax.set_mesh(experiment.mesh), nn.logical_axis_rules(experiment.rules):
+    return jax.jit(elbo_step, in_shardings=(experiment.state_shardings["params"],
+                                            experiment.batch_sharding, experiment.replicated),
+                   out_shardings=experiment.batch_sharding)
+
+
+def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True,
+             time_samples: int = 1) -> dict:
+  """The likelihood bound of the newest checkpoint on `split`, in bits per token.
+
+  Each sequence's terms are averaged over `time_samples` independent draws of t and noise.
+  The result also holds "loss", the training objective (mean cross-entropy in nats per token).
+  """
+  if time_samples < 1:
+    raise ConfigError(f"--time_samples={time_samples} must be at least 1.")
   experiment, state, step = load_run(workdir)
   config = experiment.config
   source = sources.get_source(config.data, split)
@@ -59,8 +202,27 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
       source, experiment.tokenizer, seq_len=config.data.seq_len,
       batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), max_batches=max_batches or None))
-  eval_step = experiment.make_eval_step()
   params = state["ema"] if use_ema else state["params"]
-  scalars = train_lib.evaluate(eval_step, params, batches, experiment, config.seed)
-  return {"step": step, "split": split, "loss": scalars["eval/loss"],
-          "tokens": int(scalars["eval/tokens"]), "weights": "ema" if use_ema else "params"}
+  scalars = train_lib.evaluate(experiment.make_eval_step(), params, batches, experiment,
+                               config.seed)
+
+  elbo_step = make_elbo_step(experiment)
+  rng = jax.random.fold_in(jax.random.key(config.seed), train_lib.EVAL_STREAM)
+  per_sequence: dict[str, list[np.ndarray]] = {}
+  for i, batch in enumerate(batches):
+    global_batch = parallel.global_batch(batch, experiment.mesh)
+    draws = [parallel.gather_to_host(elbo_step(params, global_batch,
+                                               jax.random.fold_in(rng, i * time_samples + k)))
+             for k in range(time_samples)]
+    for name in draws[0]:
+      per_sequence.setdefault(name, []).append(np.mean([d[name] for d in draws], axis=0))
+  stacked = {name: np.concatenate(parts) for name, parts in per_sequence.items()}
+  # Padding rows of the last batch hold no tokens and carry no information.
+  real = stacked["tokens"] > 0
+  bound = likelihood.summarize({name: values[real] for name, values in stacked.items()})
+  logging.info("bound on %s: %.4f +- %.4f bits/token over %d sequences, %d draws of t each",
+               split, bound["total_bits_per_token"], bound["total_stderr"], bound["sequences"],
+               time_samples)
+  return {"step": step, "split": split, "weights": "ema" if use_ema else "params",
+          "time_samples": time_samples, **bound, "loss": scalars["eval/loss"],
+          "loss_tokens": int(scalars["eval/tokens"])}
