@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 
 from absl import app
@@ -78,6 +79,10 @@ def run(command: str) -> None:
       raise app.UsageError("train needs --config=experiments/<name>.py")
     final = train.train_and_evaluate(_load_config(), workdir)
     print(json.dumps({k: v for k, v in final.items() if not k.startswith("train/loss_by")}))
+    stopped = final.get("stopped", "")
+    if stopped.startswith("SIG"):
+      # The shell convention for "ended by a signal", so schedulers see the job did not finish.
+      sys.exit(128 + signal.Signals[stopped].value)
   elif command == "sample":
     texts = inference.sample(workdir, num_samples=_NUM_SAMPLES.value, sampler=_SAMPLER.value,
                              steps=_STEPS.value, seed=_SEED.value, use_ema=_USE_EMA.value,
@@ -108,7 +113,7 @@ class _OwnInfoOnly:
 
 
 def main(argv: list[str]) -> None:
-  from diffusion_text.errors import UserInputError  # pylint: disable=import-outside-toplevel
+  from diffusion_text.errors import TrainingStopped, UserInputError  # pylint: disable=import-outside-toplevel
 
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
@@ -119,6 +124,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir is required")
   try:
     run(argv[1])
+  except TrainingStopped as exc:
+    logging.error("%s", exc)
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
   except UserInputError as exc:
     logging.error("%s", exc)
     print(f"error: {exc}", file=sys.stderr)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import time
 from typing import Any
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from diffusion_text.errors import ConfigError
@@ -60,6 +62,37 @@ class Checkpointer:
         data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["meta"]
+
+  def restore_newest_good(self, abstract_state: Any) -> tuple[int, Any, Any, dict] | None:
+    """Restore the newest checkpoint that reads back completely; None when there is none.
+
+    A checkpoint that fails to read (truncated or missing files, say after a crash or a full
+    disk) is reported and moved to `<workdir>/checkpoints_unreadable/`, never deleted, and the
+    next older one is tried. Moving it aside also keeps orbax from refusing to save that step
+    again when training reaches it.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state, meta = self.restore(step, abstract_state)
+      except Exception as exc:  # pylint: disable=broad-except
+        # Orbax and tensorstore raise many error types for damaged files; all mean "unreadable".
+        logging.warning("checkpoint: step %d in %s cannot be read (%s: %s); trying an older "
+                        "one", step, self.directory, type(exc).__name__, exc)
+        self._move_aside(step)
+        continue
+      return step, state, data_state, meta
+    return None
+
+  def _move_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      target = epath.Path(self.directory + "_unreadable")
+      target.mkdir(parents=True, exist_ok=True)
+      destination = target / f"{step}-moved-{int(time.time())}"
+      (epath.Path(self.directory) / str(step)).rename(destination)
+      logging.warning("checkpoint: moved the unreadable step %d to %s", step, destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self._manager.reload()
 
   def restore_meta(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

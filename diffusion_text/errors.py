@@ -15,3 +15,7 @@ class ConfigError(UserInputError):
 
 class DataError(UserInputError):
   """A data file or dataset that is missing, empty, unreadable or not UTF-8."""
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (for example, non-finite steps in a row); a checkpoint was saved."""

@@ -158,7 +158,8 @@ class Experiment:
     if not boxed:
       params = nn.unbox(params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
-            "opt_state": self.optimizer.init(params)}
+            "opt_state": self.optimizer.init(params),
+            "bad_steps": jnp.zeros((), jnp.int32)}  # Non-finite steps in a row.
 
   def init_state(self) -> dict[str, Any]:
     """Create the training state directly under its shardings (never whole on one device)."""
@@ -202,15 +203,25 @@ class Experiment:
                        self_cond_prob=config.loss.self_cond_prob, train=True, **cond_options)
 
       (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+      grad_norm = optax.tree.norm(grads)
       updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       # EMA with warm-up: early on the average follows the parameters closely.
       decay = jnp.minimum(ema_decay, (1.0 + state["step"]) / (10.0 + state["step"]))
       ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-      new_state = {"step": state["step"] + 1, "params": params, "ema": ema,
-                   "opt_state": opt_state}
-      metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+
+      # A step whose loss or gradients are not finite changes nothing but the step counter
+      # (so the data and noise move on) and the count of such steps in a row.
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = {"step": state["step"] + 1,
+                   "params": keep(params, state["params"]),
+                   "ema": keep(ema, state["ema"]),
+                   "opt_state": keep(opt_state, state["opt_state"]),
+                   "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1).astype(jnp.int32)}
+      metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                  "train/learning_rate": lr_schedule(state["step"]),
+                 "train/skipped": 1.0 - finite.astype(jnp.float32),
                  **{f"train/{k}": v for k, v in terms.items()}}
       return new_state, metrics
 
@@ -221,14 +232,26 @@ class Experiment:
                      donate_argnums=(0,))
 
   def make_eval_step(self):
-    """(params, batch with mask, rng) -> (summed loss, number of real tokens)."""
-    model, schedule, loss_fn = self.model, self.schedule, self.loss_fn
+    """Compile (params, batch, rng) -> (summed cross-entropy, number of real tokens).
+
+    The batch holds `tokens`, `mask`, `t` [b] and `index` [b], the window's position in the
+    split. Noise is drawn from `fold_in(rng, index)`, so every window gets the same time and
+    noise whatever the batch size or the number of devices, and so does the figure. The
+    figure is the `ce` objective without self-conditioning, whichever loss trains the model.
+    """
+    model, schedule = self.model, self.schedule
 
     def eval_step(params, batch, rng):
-      loss, _ = loss_fn(model, params, schedule, batch["tokens"], batch["mask"], rng,
-                        self_cond_prob=0.0, train=False)
-      count = jnp.sum(batch["mask"])
-      return loss * count, count
+      tokens_bt, mask_bt, t_b = batch["tokens"], batch["mask"], batch["t"]
+      x0_btl = model.apply({"params": params}, tokens_bt, method=model.embed)
+      eps_btl = jax.vmap(
+          lambda i: jax.random.normal(jax.random.fold_in(rng, i), x0_btl.shape[1:]))(
+              batch["index"])
+      z_btl = sde_lib.sample_marginal(schedule, x0_btl, t_b, eps_btl)
+      logits_btv = model.apply({"params": params}, z_btl, schedule.log_snr(t_b),
+                               jnp.zeros_like(x0_btl), mask_bt, method=model.denoise)
+      ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt)
+      return jnp.sum(ce_bt * mask_bt), jnp.sum(mask_bt)
 
     param_shardings = self.state_shardings["params"]
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

@@ -174,3 +174,62 @@ def measure_matmul_flops(size: int = 512, repeats: int = 5) -> float:
 
 def to_host(tree) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+
+
+# -- Health of a run: signs of the known failure modes of embedding diffusion. -----------------
+
+# Thresholds for warnings. Distances are relative to sqrt(2 * embed_dim), the distance between
+# two orthogonal rows of norm sqrt(embed_dim).
+MIN_DISTANCE_WARNING = 0.05
+MEAN_DISTANCE_WARNING = 0.5
+EMPTY_SAMPLES_WARNING = 0.5
+REPEATED_NGRAMS_WARNING = 0.5
+NGRAM = 4
+
+
+def embedding_health(table_vd: np.ndarray, max_rows: int = 1024) -> dict[str, float]:
+  """Mean and minimum pairwise distance of embedding rows, relative to sqrt(2 * dim).
+
+  Collapse (rows drifting together) makes tokens indistinguishable under noise. Large
+  vocabularies are measured on an evenly spaced subset of at most `max_rows` rows.
+  """
+  table = np.asarray(table_vd, np.float64)
+  rows = table[np.linspace(0, len(table) - 1, min(max_rows, len(table))).astype(int)]
+  squared = np.sum(rows**2, axis=1)
+  dist2 = squared[:, None] + squared[None, :] - 2.0 * rows @ rows.T
+  dist = np.sqrt(np.maximum(dist2[np.triu_indices(len(rows), k=1)], 0.0))
+  scale = np.sqrt(2.0 * table.shape[1])
+  return {"health/embedding_mean_distance": float(dist.mean() / scale),
+          "health/embedding_min_distance": float(dist.min() / scale)}
+
+
+def sample_health(tokens_bl: np.ndarray, tokenizer) -> dict[str, float]:
+  """Share of samples that are only padding/end-of-text, and the repeated 4-gram rate."""
+  tokens_bl = np.asarray(tokens_bl)
+  special = np.isin(tokens_bl, [tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id])
+  empty = float(np.mean(np.all(special, axis=1)))
+  repeats, total = 0, 0
+  for row in tokens_bl:
+    grams = [tuple(row[i:i + NGRAM]) for i in range(len(row) - NGRAM + 1)]
+    repeats += len(grams) - len(set(grams))
+    total += len(grams)
+  return {"health/empty_samples": empty,
+          "health/repeated_ngrams": repeats / total if total else 0.0}
+
+
+def health_warnings(scalars: dict[str, float]) -> list[str]:
+  """Messages for every health metric past its threshold."""
+  checks = [
+      ("health/embedding_min_distance", lambda v: v < MIN_DISTANCE_WARNING,
+       "two embedding rows are within {v:.3f} x sqrt(2 dim) of each other: tokens may be "
+       "collapsing together"),
+      ("health/embedding_mean_distance", lambda v: v < MEAN_DISTANCE_WARNING,
+       "embedding rows are on average only {v:.3f} x sqrt(2 dim) apart: the embedding may be "
+       "collapsing"),
+      ("health/empty_samples", lambda v: v > EMPTY_SAMPLES_WARNING,
+       "{v:.0%} of samples decode to only padding or end-of-text"),
+      ("health/repeated_ngrams", lambda v: v > REPEATED_NGRAMS_WARNING,
+       "{v:.0%} of the 4-grams in samples repeat an earlier one: samples are degenerate"),
+  ]
+  return [message.format(v=scalars[key]) for key, bad, message in checks
+          if key in scalars and bad(scalars[key])]

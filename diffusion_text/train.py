@@ -1,17 +1,19 @@
 """Training loop: data, model and state set-up, the compiled step, evaluation, samples, checkpoints.
 
 `train_and_evaluate(config, workdir)` reads top to bottom as phases. Resume is the default path:
-when `<workdir>/checkpoints/` holds a checkpoint, the run continues from the newest one with the
-same data order and random stream; otherwise it starts from scratch.
+when `<workdir>/checkpoints/` contains a checkpoint, the run continues from the newest
+readable one with the same data order and random stream. Otherwise it starts from scratch.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
-from typing import Iterable
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -21,7 +23,7 @@ from diffusion_text import metrics as metrics_lib
 from diffusion_text import parallel
 from diffusion_text.data import pipeline
 from diffusion_text.data import sources
-from diffusion_text.errors import ConfigError
+from diffusion_text.errors import ConfigError, TrainingStopped
 from diffusion_text.experiment import Experiment, load_or_train_tokenizer, prepare_workdir
 from diffusion_text.experiment import tokenizer_digest
 
@@ -30,23 +32,37 @@ from diffusion_text.experiment import tokenizer_digest
 TRAIN_STREAM, EVAL_STREAM, SAMPLE_STREAM = 1, 2, 3
 
 
+# Fractional part of the golden ratio: i * GOLDEN mod 1 spreads any run of windows evenly over
+# [0, 1) (a Kronecker low-discrepancy sequence), whatever the batch boundaries.
+GOLDEN = 0.6180339887498949
+
+
+def eval_times(index: np.ndarray, t_min: float) -> np.ndarray:
+  """Diffusion time of each evaluation window, a function of its index in the split alone."""
+  return (t_min + (1.0 - t_min) * np.mod(0.5 + index * GOLDEN, 1.0)).astype(np.float32)
+
+
 def evaluate(eval_step, params, batches: list[dict[str, np.ndarray]], experiment: Experiment,
              seed: int) -> dict[str, float]:
-  """Mean validation loss over `batches`, with the same noise at every evaluation."""
+  """Mean validation cross-entropy (nats per token) over `batches`, with the same noise for each
+  window at every evaluation and for any batch size."""
   rng = jax.random.fold_in(jax.random.key(seed), EVAL_STREAM)
   total, count = 0.0, 0.0
   for i, batch in enumerate(batches):
-    loss_sum, tokens = eval_step(params, parallel.global_batch(batch, experiment.mesh),
-                                 jax.random.fold_in(rng, i))
+    local = len(batch["tokens"])
+    first = (i * jax.process_count() + jax.process_index()) * local
+    index = np.arange(first, first + local, dtype=np.int32)
+    batch = {**batch, "index": index, "t": eval_times(index, experiment.schedule.t_min)}
+    loss_sum, tokens = eval_step(params, parallel.global_batch(batch, experiment.mesh), rng)
     total += float(loss_sum)
     count += float(tokens)
   return {"eval/loss": total / max(count, 1.0), "eval/tokens": count}
 
 
-def draw_samples(sample_fn, params, experiment: Experiment, seed: int, step: int) -> list[str]:
+def draw_sample_tokens(sample_fn, params, seed: int, step: int) -> jax.Array:
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SAMPLE_STREAM), step)
   tokens, _ = sample_fn(params, rng)
-  return experiment.decode(tokens)
+  return tokens
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -77,17 +93,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=config.train.eval_batches or None))
 
-  # -- State: resume from the newest checkpoint in the workdir, else start from scratch.
+  # -- State: resume from the newest readable checkpoint in the workdir, else start from scratch.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   digest = tokenizer_digest(tokenizer)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state, meta = checkpointer.restore(latest, experiment.abstract_state)
-    if meta.get("tokenizer_sha256") != digest:
+  pending: list[dict] = []  # Per-step metrics not yet averaged into a progress line.
+  restored = checkpointer.restore_newest_good(experiment.abstract_state)
+  if restored is not None:
+    latest, state, data_state, saved_meta = restored
+    if saved_meta.get("tokenizer_sha256") != digest:
       raise ConfigError(f"the checkpoint at step {latest} in {checkpointer.directory} was trained "
                         f"with a different tokenizer than {workdir}/tokenizer.model; use a new "
                         "--workdir.")
     train_iter.set_state(data_state)
+    pending = list(saved_meta.get("pending_metrics", []))
     logging.info("resume: continuing from step %d (%s)", latest, checkpointer.directory)
   else:
     state = experiment.init_state()
@@ -113,18 +131,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def run_eval(step: int) -> dict[str, float]:
     scalars = evaluate(eval_step, state["ema"], eval_batches, experiment, config.seed)
+    table = experiment.model.apply({"params": state["ema"]},
+                                   method=experiment.model.embedding_table)
+    scalars.update(metrics_lib.embedding_health(parallel.gather_to_host(table)))
+    for warning in metrics_lib.health_warnings(scalars):
+      logging.warning("step %d: %s", step, warning)
     writer.write_scalars(step, scalars)
     logging.info("eval step %d: validation loss %.4f (EMA weights, %d tokens)", step,
                  scalars["eval/loss"], scalars["eval/tokens"])
     return scalars
 
   def run_samples(step: int) -> None:
-    texts = draw_samples(sample_fn, state["ema"], experiment, config.seed, step)
+    tokens = draw_sample_tokens(sample_fn, state["ema"], config.seed, step)
+    texts = experiment.decode(tokens)
+    scalars = metrics_lib.sample_health(parallel.gather_to_host(tokens), tokenizer)
+    writer.write_scalars(step, scalars)
     path = writer.write_samples(step, texts, header=f"# step {step}, sampler "
                                 f"{config.sample.sampler}, {config.sample.steps} steps, EMA weights")
-    logging.info("samples at step %d written to %s; first one:\n%s", step, path, texts[0][:400])
+    if path:
+      logging.info("samples at step %d written to %s; first one:\n%s", step, path, texts[0][:400])
+    for warning in metrics_lib.health_warnings(scalars):
+      logging.warning("step %d: %s", step, warning)
 
   def save(step: int) -> None:
+    # Metrics of a partial logging interval travel with the checkpoint, so a resumed run logs
+    # the same averages as an uninterrupted one.
+    meta["pending_metrics"] = _to_floats(pending)
     checkpointer.save(step, state, train_iter.get_state(), meta)
 
   # -- Loop.
@@ -133,42 +165,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final.update(run_eval(0))
   if step >= total_steps:
     logging.info("training already complete at step %d of %d", step, total_steps)
-  pending: list[dict[str, jax.Array]] = []
   first_step = step
   deadline = t_start + 60.0 * config.train.max_minutes if config.train.max_minutes else None
+  stop = StopRequest.install()
   progress.restart_clock(step)
-  while step < total_steps:
-    batch = parallel.global_batch(next(train_iter), experiment.mesh)
-    state, step_metrics = train_step(state, batch, train_rng)
-    pending.append(step_metrics)
-    step += 1
-    if step == first_step + 1:
-      jax.block_until_ready(state)
-      logging.info("compiled and ran the first step in %.1f s", time.perf_counter()
-                   - progress.start_time)
-      progress.restart_clock(step)  # Compile time is not training time.
+  try:
+    while step < total_steps:
+      batch = parallel.global_batch(next(train_iter), experiment.mesh)
+      state, step_metrics = train_step(state, batch, train_rng)
+      pending.append(step_metrics)
+      step += 1
+      if step == first_step + 1:
+        jax.block_until_ready(state)
+        logging.info("compiled and ran the first step in %.1f s", time.perf_counter()
+                     - progress.start_time)
+        progress.restart_clock(step)  # Compile time is not training time.
 
-    out_of_time = deadline is not None and time.perf_counter() > deadline
-    last = step == total_steps or out_of_time
-    if step % config.train.log_every == 0 or last:
-      scalars = _mean_metrics(pending)
-      pending.clear()
-      scalars.update(progress.measure(step))
-      writer.write_scalars(step, scalars)
-      logging.info(progress.line(step, scalars))
-      final.update(scalars)
-    if step % config.train.eval_every == 0 or last:
-      final.update(run_eval(step))
-    if step % config.train.sample_every == 0 or last:
-      run_samples(step)
-    if step % config.train.checkpoint_every == 0 or last:
-      save(step)
-    if step % config.train.log_every == 0 or last:
-      progress.restart_clock(step)  # Evaluation, sampling and saving are not training time.
-    if out_of_time:
-      logging.warning("stopping at step %d: --config.train.max_minutes=%s reached; rerun the "
-                      "same command to continue", step, config.train.max_minutes)
-      break
+      last = step == total_steps
+      if step % config.train.log_every == 0 or last:
+        pending = _to_floats(pending)
+        _report_skipped_steps(pending, step)
+        scalars = _mean_metrics(pending)
+        pending = []
+        scalars.update(progress.measure(step))
+        writer.write_scalars(step, scalars)
+        logging.info(progress.line(step, scalars))
+        final.update(scalars)
+        bad_steps = int(jax.device_get(state["bad_steps"]))
+        if bad_steps >= config.train.max_bad_steps:
+          save(step)
+          checkpointer.wait()
+          raise TrainingStopped(
+              f"stopped at step {step}: the last {bad_steps} steps had a non-finite loss or "
+              f"gradients, so none of them changed the parameters. The checkpoint of step {step} "
+              f"in {checkpointer.directory} holds the parameters of step {step - bad_steps}. "
+              "Lower --config.train.learning_rate or --config.train.grad_clip, or check the "
+              "data, then resume; --config.train.max_bad_steps sets this limit.")
+      if step % config.train.eval_every == 0 or last:
+        final.update(run_eval(step))
+      if step % config.train.sample_every == 0 or last:
+        run_samples(step)
+      if step % config.train.checkpoint_every == 0 or last:
+        save(step)
+      if step % config.train.log_every == 0 or last:
+        progress.restart_clock(step)  # Evaluation, sampling and saving are not training time.
+
+      # Preemption or the time limit: save where we are and leave; rerunning continues. This
+      # comes after the step's periodic work, so a resumed run repeats and skips none of it.
+      reason = stop.reason(out_of_time=deadline is not None and time.perf_counter() > deadline)
+      if reason and not last:
+        if step % config.train.checkpoint_every:
+          save(step)
+        logging.warning("stopped at step %d (%s); checkpoint saved in %s. Rerun the same "
+                        "command to continue.", step, reason, checkpointer.directory)
+        final["stopped"] = reason
+        break
+  finally:
+    stop.uninstall()
 
   # -- Finish: wait for the last checkpoint, draw the curves.
   checkpointer.wait()
@@ -182,14 +235,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return final
 
 
-def _mean_metrics(pending: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
+def _to_floats(pending: list[dict]) -> list[dict[str, float]]:
+  """Copy per-step metrics to the host as plain floats (JSON-safe, for checkpoints too)."""
+  return [{k: float(v) for k, v in m.items()} for m in jax.device_get(list(pending))]
+
+
+def _mean_metrics(pending: list[dict[str, float]]) -> dict[str, float]:
   """Average each metric over the logging interval, ignoring NaN (empty time bins)."""
-  host = jax.device_get(list(pending))
-  if not host:
+  if not pending:
     return {}
   out = {}
-  for key in host[0]:
-    values = np.array([float(m[key]) for m in host])
-    finite = values[~np.isnan(values)]
+  for key in pending[0]:
+    values = np.array([m[key] for m in pending], dtype=np.float64)
+    finite = values[np.isfinite(values)]
     out[key] = float(finite.mean()) if finite.size else float("nan")
   return out
+
+
+def _report_skipped_steps(pending: list[dict[str, float]], last_step: int) -> None:
+  first_step = last_step - len(pending) + 1
+  for offset, m in enumerate(pending):
+    if m.get("train/skipped", 0.0) > 0:
+      logging.warning("step %d skipped: loss %s, gradient norm %s are not both finite; the batch "
+                      "of that step left the parameters and optimiser state unchanged",
+                      first_step + offset, m.get("train/loss"), m.get("train/grad_norm"))
+
+
+class StopRequest:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step.
+
+  A second signal of the same kind interrupts at once. In a multi-process run the processes
+  agree on the stop step, so they save the same checkpoint together.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  @classmethod
+  def install(cls) -> "StopRequest":
+    request = cls()
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        request._previous[signum] = signal.signal(signum, request._handle)
+    return request
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signal_name is not None:
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("received %s: stopping after the current step (send it again to stop at "
+                    "once, without a checkpoint)", self.signal_name)
+
+  def reason(self, out_of_time: bool) -> str | None:
+    local = self.signal_name or ("time limit --config.train.max_minutes" if out_of_time else None)
+    if jax.process_count() == 1:
+      return local
+    # Every process must stop at the same step, so they vote each step.
+    votes = multihost_utils.process_allgather(np.int32(local is not None))
+    return (local or "another process is stopping") if np.any(votes) else None
+
+  def uninstall(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
