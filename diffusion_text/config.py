@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     "data.documents": ("paragraph", "file", "line"),
+    "data.decode_errors": ("strict", "replace"),
     "model.dtype": ("float32", "bfloat16"),
     "sample.grid": ("t", "log_snr"),
 }
@@ -121,9 +122,9 @@ _CHOICES = {
 # Fields that must agree between a run and the workdir it resumes from: anything that changes
 # the shapes of saved arrays, the tokenizer, or the data the tokens came from.
 _RESUME_FIELDS = (
-    "data.name", "data.files", "data.documents", "data.seq_len", "tokenizer.vocab_size",
+    "data.name", "data.files", "data.documents", "data.decode_errors", "data.seq_len", "tokenizer.vocab_size",
     "model.name", "model.embed_dim", "model.width", "model.num_layers", "model.num_heads",
-    "model.mlp_dim", "sde.schedule",
+    "model.mlp_dim", "model.conditional", "sde.schedule",
 )
 
 

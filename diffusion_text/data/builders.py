@@ -71,7 +71,11 @@ class TextFilesBuilder(_LocalBuilder, skip_registration=True):
   """Documents from the user's text files, split into train and validation by a file plan."""
 
   name = "diffusion_text_files"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.1.0": "U+2028 and U+2029 break lines, U+2029 separates paragraphs, a leading byte "
+               "order mark is dropped and NUL bytes are rejected.",
+  }
 
   def __init__(self, plan: text_files.TextFilesPlan, **kwargs):
     self._plan = plan
@@ -99,6 +103,7 @@ class TextFilesBuilder(_LocalBuilder, skip_registration=True):
       self, parts: Sequence[text_files.FilePart]
   ) -> Iterator[tuple[str, dict[str, str]]]:
     for part in parts:
-      for index, document in text_files.read_documents(part, self._plan.documents):
+      for index, document in text_files.read_documents(part, self._plan.documents,
+                                                       self._plan.decode_errors):
         record_id = f"{part.path}:{index}"
         yield record_id, {"id": record_id, "text": document}

@@ -8,6 +8,7 @@ Config keys read from `config.data` (docs/data.md describes each one):
   validation_files     globs of held-out files (default: hold out whole files)
   validation_fraction  share of files, or of a single file's documents, held out (0.1)
   text_key             text feature of a TFDS dataset ("text")
+  decode_errors        invalid UTF-8: "strict" (default) raises a DataError, "replace" reads U+FFFD
   tfds_dir             folder of prepared datasets (~/.cache/diffusion_text/tfds)
 
 Every source is prepared once as array_record files and read back through TFDS without
@@ -32,9 +33,11 @@ DEFAULT_TFDS_DIR = os.path.join("~", ".cache", "diffusion_text", "tfds")
 class TextSource(Sequence):
   """Records of one split, each {"id": str, "text": str}, decoded from a TFDS data source."""
 
-  def __init__(self, data_source: Sequence[Mapping[str, Any]], text_key: str, name: str):
+  def __init__(self, data_source: Sequence[Mapping[str, Any]], text_key: str, name: str,
+               decode_errors: str = "strict"):
     self._data_source = data_source
     self._text_key = text_key
+    self._decode_errors = decode_errors
     self.name = name
 
   def __len__(self) -> int:
@@ -44,11 +47,22 @@ class TextSource(Sequence):
     record = self._data_source[index]
     text = record[self._text_key]
     if isinstance(text, bytes):
-      text = text.decode("utf-8")
+      text = self._decode_text(text, index)
     record_id = record.get("id", index)
     if isinstance(record_id, bytes):
       record_id = record_id.decode("utf-8")
     return {"id": str(record_id), "text": text}
+
+  def _decode_text(self, data: bytes, index: int) -> str:
+    """Decode a record's text bytes under the decode_errors policy."""
+    try:
+      return data.decode("utf-8", errors=self._decode_errors)
+    except UnicodeDecodeError as exc:
+      raise errors.DataError(
+          f"Record {index} of dataset {self.name!r} is not valid UTF-8: byte "
+          f"0x{data[exc.start]:02x} at byte offset {exc.start} of its {self._text_key!r} "
+          "feature is invalid. Set --config.data.decode_errors=replace to read each invalid "
+          "sequence as U+FFFD.") from exc
 
   def __repr__(self) -> str:
     return f"TextSource({self.name!r}, {len(self)} records)"
@@ -70,9 +84,14 @@ def get_source(data_config: Any, split: str) -> TextSource:
 
   Raises:
     DataError: bad text files, an unknown TFDS name or a split the dataset lacks.
-    ConfigError: an invalid document mode or validation fraction.
+    ConfigError: an invalid document mode, validation fraction or decode_errors policy.
   """
   data_dir = tfds_dir(data_config)
+  decode_errors = _setting(data_config, "decode_errors", "strict")
+  if decode_errors not in text_files.DECODE_ERRORS:
+    raise errors.ConfigError(
+        f"Unknown --config.data.decode_errors={decode_errors!r}. Use one of "
+        f"{text_files.DECODE_ERRORS}.")
   files = _setting(data_config, "files", "")
   if files:
     plan = text_files.plan_text_files(
@@ -80,18 +99,20 @@ def get_source(data_config: Any, split: str) -> TextSource:
         validation_files=_setting(data_config, "validation_files", None),
         documents=_setting(data_config, "documents", "paragraph"),
         validation_fraction=float(_setting(data_config, "validation_fraction", 0.1)),
+        decode_errors=decode_errors,
     )
     builder = builders.TextFilesBuilder(plan, data_dir=data_dir)
     if not builder.is_prepared():
       # Reads and checks every file before TFDS writes anything.
       builder.set_parts(plan.split_parts())
-    return _open(builder, split, "text", name=f"files {files}")
+    return _open(builder, split, "text", name=f"files {files}", decode_errors=decode_errors)
 
   name = _setting(data_config, "name", BUNDLED_NAME)
   if name == BUNDLED_NAME:
     return _open(builders.ShakespeareBuilder(data_dir=data_dir), split, "text", name=name)
   return _open(_registered_builder(name, data_dir), split,
-               _setting(data_config, "text_key", "text"), name=name)
+               _setting(data_config, "text_key", "text"), name=name,
+               decode_errors=decode_errors)
 
 
 def get_texts(data_config: Any, split: str, max_chars: int | None = None) -> Iterator[str]:
@@ -116,7 +137,8 @@ def _registered_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
         "dataset. For local text files use --config.data.files='path/*.txt'.") from exc
 
 
-def _open(builder: tfds.core.DatasetBuilder, split: str, text_key: str, name: str) -> TextSource:
+def _open(builder: tfds.core.DatasetBuilder, split: str, text_key: str, name: str,
+          decode_errors: str = "strict") -> TextSource:
   """Prepare the builder if needed and open `split`, using "test" when "validation" is absent."""
   builders.prepare(builder)
   available = list(builder.info.splits.keys())
@@ -133,4 +155,4 @@ def _open(builder: tfds.core.DatasetBuilder, split: str, text_key: str, name: st
     raise errors.DataError(
         f"Dataset {name!r} has no feature {text_key!r}. Set --config.data.text_key to one of "
         f"{sorted(features.keys())}.")
-  return TextSource(data_source, text_key, name)
+  return TextSource(data_source, text_key, name, decode_errors)
