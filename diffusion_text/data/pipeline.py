@@ -7,6 +7,10 @@ buffer, so one batch mixes many documents, and then batched.
 
 Evaluation: the documents are packed the same way in record order. The last window is padded
 with pad_id and mask 0, so every real token is counted exactly once.
+
+Both pipelines check that every token id is in [0, vocab_size), once per document and once per
+batch, because the embedding lookup does not: with JAX 0.10.2, `jnp.take` returns the last rows
+of the table for a negative id and NaN for an id of vocab_size or more.
 """
 
 from collections.abc import Iterator, Sequence
@@ -36,13 +40,42 @@ def _check_batching(seq_len: int, batch_size: int, process_count: int, batch_fla
         f"{process_count}, for example {valid}.")
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+  """Raise a DataError unless every id in `tokens` is in [0, vocab_size).
+
+  `where` names the record or batch in the message, for example "Record 'a.txt:3'".
+  """
+  if not tokens.size or (tokens.min() >= 0 and tokens.max() < vocab_size):
+    return
+  position = np.argwhere((tokens < 0) | (tokens >= vocab_size))[0]
+  bad_id = int(tokens[tuple(position)])
+  raise errors.DataError(
+      f"{where} has token id {bad_id} at position {tuple(int(i) for i in position)}, outside "
+      f"the vocabulary [0, {vocab_size}), so it cannot index the embedding table. The "
+      "tokenizer does not match the model: delete the tokenizer file so that a new one is "
+      "trained, or use a tokenizer trained by Tokenizer.train.")
+
+
 def _encode_document(tokenizer: Tokenizer):
-  """Return a function from a record to its token ids followed by EOS, int32 [length]."""
+  """Return a function from a record to its checked token ids followed by EOS, int32 [length]."""
 
   def encode(record: dict[str, str]) -> np.ndarray:
-    return np.array(tokenizer.encode(record["text"]) + [tokenizer.eos_id], dtype=np.int32)
+    ids = np.array(tokenizer.encode(record["text"]) + [tokenizer.eos_id], dtype=np.int64)
+    check_token_ids(ids, tokenizer.vocab_size, f"Record {record['id']!r}")
+    return ids.astype(np.int32)
 
   return encode
+
+
+def _stack_train_rows(vocab_size: int):
+  """Return grain's batch_fn: rows to {"tokens": int32 [rows, seq_len]}, with checked ids."""
+
+  def stack(rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    tokens = np.stack(rows)
+    check_token_ids(tokens, vocab_size, "A training batch")
+    return {"tokens": tokens}
+
+  return stack
 
 
 class PackIterDataset(grain.IterDataset):
@@ -119,7 +152,8 @@ def make_train_iterator(
 
   Raises:
     ConfigError: seq_len < 2, or the batch size is not a multiple of process_count.
-    DataError: this process's records hold fewer tokens than one batch.
+    DataError: this process's records hold fewer tokens than one batch. Later, from `next()`:
+      a record or batch contains a token id outside [0, tokenizer.vocab_size).
   """
   _check_batching(seq_len, global_batch_size, process_count, "--config.train.batch_size")
   local_batch_size = global_batch_size // process_count
@@ -138,8 +172,7 @@ def make_train_iterator(
       PackIterDataset(documents, seq_len=seq_len), window_size=shuffle_window,
       seed=window_seed)
   batches = windows.batch(
-      local_batch_size, drop_remainder=True,
-      batch_fn=lambda rows: {"tokens": np.stack(rows)})
+      local_batch_size, drop_remainder=True, batch_fn=_stack_train_rows(tokenizer.vocab_size))
   return iter(batches)
 
 
@@ -197,7 +230,8 @@ def make_eval_batches(
 
   Raises:
     ConfigError: seq_len < 2, or batch_size is not a multiple of process_count.
-    DataError: the split contains no text.
+    DataError: the split contains no text, or a record or batch contains a token id outside
+      [0, tokenizer.vocab_size).
   """
   _check_batching(seq_len, batch_size, process_count, "eval batch_size")
   local_batch_size = batch_size // process_count
@@ -217,10 +251,9 @@ def make_eval_batches(
       break
     if len(rows) == batch_size:
       local_rows = rows[first_row:first_row + local_batch_size]
-      batches.append({
-          "tokens": np.stack([tokens_l for tokens_l, _ in local_rows]),
-          "mask": np.stack([mask_l for _, mask_l in local_rows]),
-      })
+      tokens = np.stack([tokens_l for tokens_l, _ in local_rows])
+      check_token_ids(tokens, tokenizer.vocab_size, f"Evaluation batch {len(batches)}")
+      batches.append({"tokens": tokens, "mask": np.stack([mask_l for _, mask_l in local_rows])})
       rows = []
 
   if not batches:

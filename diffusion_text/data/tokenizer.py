@@ -1,6 +1,7 @@
 """A sentencepiece unigram tokenizer that round-trips any text exactly.
 
-Exact round trip means `decode(encode(text)) == text` for every string: spaces, tabs, CR/LF, NUL,
+Exact round trip means `decode(encode(text)) == text` for every string that UTF-8 can encode (every
+string without a lone surrogate): spaces, tabs, CR/LF, NUL,
 emoji, combining marks and unseen scripts included. It comes from identity normalisation, no
 dummy prefix, kept whitespace, and byte fallback for characters outside the vocabulary. The
 model proto is small enough to store next to a checkpoint, so a run always decodes with the
@@ -32,6 +33,10 @@ DEFAULT_MAX_CHARS = 2_000_000
 # sentencepiece writes spaces as U+2581 inside pieces, so a literal U+2581 in the input would
 # decode as a space. The tokenizer encodes that character through its UTF-8 byte pieces instead.
 _SPACE_SYMBOL = "\u2581"
+# Text that only a model with the settings of `Tokenizer.train` round-trips. A leading space
+# fails with a dummy prefix, doubled spaces and a tab fail with whitespace clean-up, and a no-break
+# space and a combining accent fail with NFKC. The last character needs byte fallback.
+_ROUND_TRIP_PROBE = " a  b\t\u00a0e\u0301\r\n\U0001fab7 "
 
 
 def _training_sentences(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -58,11 +63,22 @@ class Tokenizer:
   eos_id = EOS_ID
 
   def __init__(self, processor: spm.SentencePieceProcessor):
+    """Wrap a loaded model after checking its special ids, byte pieces and round trip.
+
+    Raises:
+      DataError: the model was not trained with the settings of `Tokenizer.train`.
+    """
     self._processor = processor
     self.vocab_size: int = processor.get_piece_size()
+    _check_special_ids(processor)
     self._space_symbol_ids = [processor.piece_to_id(f"<0x{byte:02X}>")
                               for byte in _SPACE_SYMBOL.encode("utf-8")]
     self._skipped_ids = frozenset((PAD_ID, BOS_ID, EOS_ID))
+    if self.decode(self.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
+      raise errors.DataError(
+          f"The tokenizer model does not round-trip {ascii(_ROUND_TRIP_PROBE)} exactly, so it was "
+          "not trained by Tokenizer.train (identity normalisation, no dummy prefix, kept "
+          "whitespace). Delete the tokenizer file so that a new one is trained.")
 
   @classmethod
   def train(
@@ -125,15 +141,29 @@ class Tokenizer:
     return self._processor.serialized_model_proto()
 
   def encode(self, text: str) -> list[int]:
-    """Return the token ids of `text`, without bos or eos."""
+    """Return the token ids of `text`, without bos or eos.
+
+    Every id is in [0, vocab_size), because sentencepiece returns ids of its own pieces.
+    `text` must be encodable as UTF-8, so a lone surrogate such as "\\ud800" raises
+    UnicodeEncodeError.
+    """
     if _SPACE_SYMBOL not in text:
-      return self._processor.encode(text)
+      return self._encode_utf8(text)
     ids = []
     for index, part in enumerate(text.split(_SPACE_SYMBOL)):
       if index:
         ids.extend(self._space_symbol_ids)
-      ids.extend(self._processor.encode(part))
+      ids.extend(self._encode_utf8(part))
     return ids
+
+  def _encode_utf8(self, text: str) -> list[int]:
+    try:
+      return self._processor.encode(text)
+    except RuntimeError:
+      # For a str that UTF-8 cannot encode, sentencepiece 0.2.3 raises a RuntimeError that names
+      # neither the character nor its index; UnicodeEncodeError names both.
+      text.encode("utf-8")
+      raise
 
   def decode(self, ids: Sequence[int]) -> str:
     """Return the text of `ids`, skipping pad, bos and eos.
@@ -147,6 +177,26 @@ class Tokenizer:
         raise ValueError(
             f"Token id {token_id} is outside the vocabulary [0, {self.vocab_size}).")
     return self._processor.decode([i for i in ids if i not in self._skipped_ids])
+
+
+def _check_special_ids(processor: spm.SentencePieceProcessor) -> None:
+  """Raise a DataError unless the model has the fixed special ids and all 256 byte pieces."""
+  special = {"pad": (processor.pad_id(), PAD_ID), "unk": (processor.unk_id(), UNK_ID),
+             "bos": (processor.bos_id(), BOS_ID), "eos": (processor.eos_id(), EOS_ID)}
+  wrong = [f"{name} {found} (expected {expected})"
+           for name, (found, expected) in special.items() if found != expected]
+  if wrong:
+    # sentencepiece's default pad id is -1, which would index the embedding table from the end.
+    raise errors.DataError(
+        f"The tokenizer model has special ids {', '.join(wrong)}. diffusion_text needs pad 0, "
+        "unk 1, bos 2 and eos 3: train the model with Tokenizer.train, or delete the tokenizer "
+        "file so that a new one is trained.")
+  byte_ids = [processor.piece_to_id(f"<0x{byte:02X}>") for byte in range(256)]
+  if not all(processor.is_byte(piece_id) for piece_id in byte_ids):
+    raise errors.DataError(
+        "The tokenizer model is missing the byte fallback pieces <0x00> to <0xFF>, so characters "
+        "outside its vocabulary would become unk and not round-trip. Train it with "
+        "Tokenizer.train, or delete the tokenizer file so that a new one is trained.")
 
 
 def _training_error(exc: RuntimeError, vocab_size: int) -> Exception:
