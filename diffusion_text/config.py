@@ -122,7 +122,8 @@ _CHOICES = {
 # Fields that must agree between a run and the workdir it resumes from: anything that changes
 # the shapes of saved arrays, the tokenizer, or the data the tokens came from.
 _RESUME_FIELDS = (
-    "data.name", "data.files", "data.documents", "data.decode_errors", "data.seq_len", "tokenizer.vocab_size",
+    "data.name", "data.files", "data.documents", "data.decode_errors", "data.seq_len",
+    "tokenizer.vocab_size",
     "model.name", "model.embed_dim", "model.width", "model.num_layers", "model.num_heads",
     "model.mlp_dim", "model.conditional", "sde.schedule",
 )
