@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -57,15 +58,11 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Check that `workdir` is new or holds a compatible run; record the config if new.
-
-  Nothing in an existing workdir is overwritten: a mismatching config or tokenizer stops here.
-  """
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Check that `workdir` is new or holds a run that `config` can continue. Writes nothing."""
   saved = load_saved_config(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
   if saved is not None:
-    config_lib.check_resume_compatible(config, saved, path)
+    config_lib.check_resume_compatible(config, saved, os.path.join(workdir, CONFIG_FILE))
   tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.exists(tokenizer_path):
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -74,13 +71,27 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
           f"{tokenizer_path} has {tokenizer.vocab_size} pieces but --config.tokenizer.vocab_size="
           f"{config.tokenizer.vocab_size}; use a new --workdir or set the vocabulary size to "
           f"{tokenizer.vocab_size}.")
-  if saved is None and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _write_atomic(path, config_lib.to_json(config).encode("utf-8"))
+
+
+def record_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer: Tokenizer) -> None:
+  """Write config.json and tokenizer.model into `workdir` where they are missing.
+
+  Called only once every check has passed, so a run that stops on bad input leaves the
+  workdir as it was. Existing files are never overwritten.
+  """
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    _write_atomic(config_path, config_lib.to_json(config).encode("utf-8"))
+  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(tokenizer_path):
+    _write_atomic(tokenizer_path, tokenizer.serialized())
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """Reuse `<workdir>/tokenizer.model`, or train one on the training split and save it there.
+  """Load `<workdir>/tokenizer.model`, or train one on the training split (not yet saved).
 
   In a multi-host run process 0 trains it and sends the model to the others, because hosts
   need not share a file system and sentencepiece's output depends on its thread count.
@@ -90,14 +101,16 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
     logging.info("tokenizer: reusing %s", path)
     return Tokenizer.load(path)
   logging.info("tokenizer: training %d pieces on the training split", config.tokenizer.vocab_size)
-  if jax.process_count() == 1:
-    texts = sources.get_texts(config.data, "train", max_chars=config.tokenizer.max_chars)
-    return Tokenizer.train(texts, config.tokenizer.vocab_size, path)
 
-  if jax.process_index() == 0:
+  def train_privately() -> Tokenizer:
     texts = sources.get_texts(config.data, "train", max_chars=config.tokenizer.max_chars)
-    model_bytes = np.frombuffer(
-        Tokenizer.train(texts, config.tokenizer.vocab_size, path).serialized(), np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+      return Tokenizer.train(texts, config.tokenizer.vocab_size, os.path.join(tmp, TOKENIZER_FILE))
+
+  if jax.process_count() == 1:
+    return train_privately()
+  if jax.process_index() == 0:
+    model_bytes = np.frombuffer(train_privately().serialized(), np.uint8)
   else:
     model_bytes = np.zeros(0, np.uint8)
   size = int(multihost_utils.broadcast_one_to_all(np.int32(model_bytes.size)))
@@ -105,6 +118,17 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   padded[:model_bytes.size] = model_bytes
   received = np.asarray(multihost_utils.broadcast_one_to_all(padded), np.uint8)
   return Tokenizer.from_bytes(received.tobytes())
+
+
+def check_batch_size(mesh, batch_size: int, flag: str) -> None:
+  """Raise ConfigError unless `batch_size` splits over the mesh's batch axes and the processes."""
+  divisor = parallel.batch_divisor(mesh)
+  processes = jax.process_count()
+  step = math.lcm(divisor, processes)
+  if batch_size % step:
+    raise ConfigError(f"{flag}={batch_size} cannot be split over the mesh's data axes "
+                      f"({divisor} devices) and {processes} processes; use a multiple of {step}, "
+                      f"e.g. {max(step, batch_size // step * step)}.")
 
 
 def tokenizer_digest(tokenizer: Tokenizer) -> str:
@@ -144,13 +168,7 @@ class Experiment:
     self.replicated = parallel.replicated(self.mesh)
 
   def _check_batch(self, batch_size: int, flag: str) -> None:
-    divisor = parallel.batch_divisor(self.mesh)
-    processes = jax.process_count()
-    step = math.lcm(divisor, processes)
-    if batch_size % step:
-      raise ConfigError(f"{flag}={batch_size} cannot be split over the mesh's data axes "
-                        f"({divisor} devices) and {processes} processes; use a multiple of {step}, "
-                        f"e.g. {max(step, batch_size // step * step)}.")
+    check_batch_size(self.mesh, batch_size, flag)
 
   def _init_state(self, rng, boxed: bool = False) -> dict[str, Any]:
     tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)

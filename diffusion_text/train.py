@@ -24,7 +24,8 @@ from diffusion_text import parallel
 from diffusion_text.data import pipeline
 from diffusion_text.data import sources
 from diffusion_text.errors import ConfigError, TrainingStopped
-from diffusion_text.experiment import Experiment, load_or_train_tokenizer, prepare_workdir
+from diffusion_text.experiment import Experiment, check_batch_size, check_workdir
+from diffusion_text.experiment import load_or_train_tokenizer, record_workdir
 from diffusion_text.experiment import tokenizer_digest
 
 # Streams split from the seed, so that training noise, evaluation noise and samples never share
@@ -71,9 +72,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # -- Config and workdir: everything that can be wrong is checked before work starts.
   config_lib.validate(config)
+  check_batch_size(parallel.make_mesh(config.mesh), config.train.batch_size,
+                   "--config.train.batch_size")
   train_source = sources.get_source(config.data, "train")
   eval_source = sources.get_source(config.data, "validation")
-  prepare_workdir(config, workdir)
+  check_workdir(config, workdir)
   logging.info("workdir: %s", workdir)
 
   # -- Tokenizer and model.
@@ -92,6 +95,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_source, tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       max_batches=config.train.eval_batches or None))
+
+  # Every check has passed: only now does the workdir get its config and tokenizer.
+  record_workdir(config, workdir, tokenizer)
 
   # -- State: resume from the newest readable checkpoint in the workdir, else start from scratch.
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
@@ -173,6 +179,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < total_steps:
       batch = parallel.global_batch(next(train_iter), experiment.mesh)
       state, step_metrics = train_step(state, batch, train_rng)
+      if pending:
+        # Wait for the previous step, so the host stays at most one step ahead of the device
+        # and a stop request is acted on within a step or two.
+        jax.block_until_ready(pending[-1]["train/loss"])
       pending.append(step_metrics)
       step += 1
       if step == first_step + 1:

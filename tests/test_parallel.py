@@ -13,6 +13,7 @@ import pytest
 
 from diffusion_text import checkpoint as ckpt_lib
 from diffusion_text import parallel
+from diffusion_text import train
 from diffusion_text import plan as plan_lib
 from diffusion_text.errors import ConfigError
 from diffusion_text.experiment import Experiment
@@ -121,8 +122,10 @@ def test_eval_step_and_sampler_match_across_meshes(runs):
   for mesh in [(1, 1, 1), (2, 2, 2)]:
     experiment, _, _, state, _ = runs[mesh]
     tokens_bt = worker.global_batches(experiment.config, 1)[0]
-    batch = parallel.global_batch({"tokens": tokens_bt, "mask": np.ones_like(tokens_bt)},
-                                  experiment.mesh)
+    index = np.arange(len(tokens_bt), dtype=np.int32)
+    batch = parallel.global_batch(
+        {"tokens": tokens_bt, "mask": np.ones(tokens_bt.shape, np.float32), "index": index,
+         "t": train.eval_times(index, experiment.schedule.t_min)}, experiment.mesh)
     eval_step = experiment.make_eval_step()
     sampler = experiment.make_sampler(sampler="ode_euler", steps=2, num_samples=8)
     rng = jax.random.key(5)

@@ -204,3 +204,16 @@ def test_cli_reports_unknown_config_key(tmp_path):
   assert result.returncode != 0
   assert "train.stepz" in result.stderr
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_failed_setup_writes_nothing(text_dir, tmp_path):
+  """Errors found while setting up (here, a vocabulary too large for the text) leave no files."""
+  workdir = tmp_path / "run"
+  config = tiny_config(text_dir, tmp_path, **{"tokenizer.vocab_size": 30000})
+  with pytest.raises(DataError, match=r"--config\.tokenizer\.vocab_size"):
+    train.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+  # The fix the message suggests now works in the same workdir.
+  final = train.train_and_evaluate(tiny_config(text_dir, tmp_path, **{"train.steps": 6}),
+                                   str(workdir))
+  assert final["step"] == 6
