@@ -108,7 +108,13 @@ class _OwnInfoOnly:
   orbax and tensorflow-datasets log dozens of INFO lines per checkpoint or dataset read.
   """
 
+  # tensorflow-datasets warns about these on every read of a prepared local dataset.
+  _IGNORED = ("Using custom data configuration", "has no dataset_info.json")
+
   def filter(self, record) -> bool:
+    if "tensorflow_datasets" in record.pathname and any(
+        text in str(record.msg) for text in self._IGNORED):
+      return False
     return record.levelno > logging.converter.STANDARD_INFO or "diffusion_text" in record.pathname
 
 
@@ -116,20 +122,21 @@ def main(argv: list[str]) -> None:
   from diffusion_text.errors import TrainingStopped, UserInputError  # pylint: disable=import-outside-toplevel
 
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
 
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m diffusion_text {{{'|'.join(COMMANDS)}}} "
                          f"--workdir=DIR [flags]; got arguments {argv[1:]}")
   if _WORKDIR.value is None and argv[1] != "plan":
-    raise app.UsageError("--workdir is required")
+    print(f"error: {argv[1]} needs --workdir=DIR, the run directory.", file=sys.stderr)
+    sys.exit(2)
   try:
     run(argv[1])
   except TrainingStopped as exc:
-    logging.error("%s", exc)
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(1)
   except UserInputError as exc:
-    logging.error("%s", exc)
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
 

@@ -132,13 +132,18 @@ def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | 
   """Draw `num_samples` texts; unset options fall back to the run's `sample.*` config."""
   if prefix is not None and template is not None:
     raise ConfigError("--prefix and --template both fix text; pass only one.")
+  if num_samples < 1:
+    raise ConfigError(f"--num_samples={num_samples} must be at least 1.")
+  if steps is not None and steps < 1:
+    raise ConfigError(f"--steps={steps} must be at least 1 (leave it out to use the run's "
+                      "sample.steps).")
   if rounding_float64:
     # Must happen before any array is created, so that float64 exists inside the compiled step.
     jax.config.update("jax_enable_x64", True)
   experiment, state, _ = load_run(workdir)
   config = experiment.config
   sampler = sampler or config.sample.sampler
-  steps = steps or config.sample.steps
+  steps = config.sample.steps if steps is None else steps
   grid = grid or config.sample.get("grid", "t")
   clamp = config.sample.get("clamp", False) if clamp is None else clamp
   conditioned = prefix is not None or template is not None

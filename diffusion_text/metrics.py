@@ -136,12 +136,15 @@ class Progress:
     self._mark_step = step
 
   def measure(self, step: int) -> dict[str, float]:
+    """Throughput since the clock was last restarted; empty when no step was timed since."""
     now = time.perf_counter()
     seconds = max(now - self._mark_time, 1e-9)
     steps = step - self._mark_step
     self.train_seconds += seconds
     self._mark_time, self._mark_step = now, step
-    step_time = seconds / max(steps, 1)
+    if steps == 0:  # Only the compiling step ran, and compile time is not counted.
+      return {}
+    step_time = seconds / steps
     return {
         "perf/step_time_s": step_time,
         "perf/tokens_per_s": self.tokens_per_step / step_time,
@@ -152,10 +155,13 @@ class Progress:
 
   def line(self, step: int, scalars: dict[str, float]) -> str:
     elapsed = time.perf_counter() - self.start_time
-    return (f"step {step}/{self.total_steps}  loss {scalars['train/loss']:.4f}  "
-            f"{scalars['perf/tokens_per_s']:,.0f} tok/s  "
-            f"MFU {100 * scalars['perf/mfu']:.1f}%  "
-            f"elapsed {format_duration(elapsed)}  left {format_duration(scalars['perf/eta_s'])}")
+    text = f"step {step}/{self.total_steps}  loss {scalars['train/loss']:.4f}  "
+    if "perf/tokens_per_s" in scalars:
+      text += (f"{scalars['perf/tokens_per_s']:,.0f} tok/s  MFU {100 * scalars['perf/mfu']:.1f}%  "
+               f"elapsed {format_duration(elapsed)}  left {format_duration(scalars['perf/eta_s'])}")
+    else:
+      text += f"elapsed {format_duration(elapsed)} (compiling; no throughput yet)"
+    return text
 
 
 def measure_matmul_flops(size: int = 512, repeats: int = 5) -> float:
