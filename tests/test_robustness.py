@@ -264,3 +264,22 @@ def test_health_metrics_flag_failure_modes():
   assert scalars["health/repeated_ngrams"] == pytest.approx((4 + 0 + 1 + 3) / 20)
   assert any("padding" in w for w in metrics.health_warnings({"health/empty_samples": 0.75}))
   assert any("4-grams" in w for w in metrics.health_warnings({"health/repeated_ngrams": 0.9}))
+
+
+def test_failed_save_raises_and_keeps_previous(tmp_path):
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path))
+  state = {"w": jnp.arange(3.0)}
+  checkpointer.save(1, state, {"position": 1}, {})
+  checkpointer.wait()
+  # A data state that JSON cannot encode makes the (partly background) write fail.
+  with pytest.raises(TypeError, match="not JSON serializable"):
+    checkpointer.save(2, state, {"position": {1, 2}}, {})
+    checkpointer.wait()
+  assert checkpointer.latest_step() == 1
+  fresh = ckpt_lib.Checkpointer(str(tmp_path))
+  assert fresh.all_steps() == [1]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored, data_state, _ = fresh.restore(1, abstract)
+  assert data_state == {"position": 1}
+  np.testing.assert_array_equal(restored["w"], np.arange(3.0))
