@@ -58,8 +58,18 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+def check_local_workdir(workdir: str) -> None:
+  """Raise ConfigError for a URL workdir, which os-level writes would turn into a local folder."""
+  if "://" in workdir:
+    raise ConfigError(
+        f"--workdir={workdir}: URL workdirs are not supported yet, because the config, metrics "
+        "and samples are written with local file functions. Mount the bucket (for example with "
+        "experiments/tpu/mount_bucket.sh, see docs/tpu.md) and pass the mounted path.")
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Check that `workdir` is new or holds a run that `config` can continue. Writes nothing."""
+  """Check that `workdir` is new or contains a run that `config` can continue. Write nothing."""
+  check_local_workdir(workdir)
   saved = load_saved_config(workdir)
   if saved is not None:
     config_lib.check_resume_compatible(config, saved, os.path.join(workdir, CONFIG_FILE))
@@ -252,7 +262,7 @@ class Experiment:
   def make_eval_step(self):
     """Compile (params, batch, rng) -> (summed cross-entropy, number of real tokens).
 
-    The batch holds `tokens`, `mask`, `t` [b] and `index` [b], the window's position in the
+    The batch contains `tokens`, `mask`, `t` [b] and `index` [b], the window's position in the
     split. Noise is drawn from `fold_in(rng, index)`, so every window gets the same time and
     noise whatever the batch size or the number of devices, and so does the figure. The
     figure is the `ce` objective without self-conditioning, whichever loss trains the model.

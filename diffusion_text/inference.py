@@ -27,7 +27,8 @@ from diffusion_text.data import pipeline
 from diffusion_text.data import sources
 from diffusion_text.data.tokenizer import Tokenizer
 from diffusion_text.errors import ConfigError
-from diffusion_text.experiment import Experiment, TOKENIZER_FILE, load_saved_config
+from diffusion_text.experiment import Experiment, TOKENIZER_FILE, check_local_workdir
+from diffusion_text.experiment import load_saved_config
 
 
 def load_run(workdir: str) -> tuple[Experiment, dict, int]:
@@ -36,6 +37,7 @@ def load_run(workdir: str) -> tuple[Experiment, dict, int]:
   Returns (experiment, state, step). The config and tokenizer come from the checkpoint itself,
   so a checkpoint folder copied elsewhere with its workdir still samples.
   """
+  check_local_workdir(workdir)
   if not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} does not exist; pass the folder a training run wrote.")
   step, meta = ckpt_lib.require_checkpoint(workdir)
@@ -193,10 +195,10 @@ def make_elbo_step(experiment: Experiment):
 
 def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True,
              time_samples: int = 1) -> dict:
-  """The likelihood bound of the newest checkpoint on `split`, in bits per token.
+  """Compute the likelihood bound of the newest checkpoint on `split`, in bits per token.
 
   Each sequence's terms are averaged over `time_samples` independent draws of t and noise.
-  The result also holds "loss", the training objective (mean cross-entropy in nats per token).
+  The result also contains "loss", the training objective (mean cross-entropy in nats per token).
   """
   if time_samples < 1:
     raise ConfigError(f"--time_samples={time_samples} must be at least 1.")

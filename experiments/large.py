@@ -1,9 +1,11 @@
 """A GPU/TPU-sized model: 24 layers, width 1024, on a registered TFDS dataset (lm1b).
 
-About 495M parameters with a 32k vocabulary (the score network's adaLN modulation holds
-153M of them; they cost FLOPs per sequence, not per token). Launch on a host or slice:
+About 495M parameters with a 32k vocabulary (153M of them are the score network's adaLN
+modulation, which costs FLOPs per sequence, not per token). Launch on a host or slice:
 
-    python -m diffusion_text train --config=experiments/large.py --workdir=gs://BUCKET/runs/large
+    python -m diffusion_text train --config=experiments/large.py --workdir=/gcs/BUCKET/runs/large
+
+where /gcs/BUCKET is the bucket mounted by experiments/tpu/mount_bucket.sh (docs/tpu.md).
 
 The mesh defaults to pure data parallelism; on a TPU slice, shard parameters with e.g.
 `--config.mesh.fsdp=8`. `get_config("cpu")` shrinks it to a size that trains on a laptop, to
