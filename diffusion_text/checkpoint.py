@@ -1,6 +1,6 @@
 """Checkpoints of a run, behind one small interface over orbax's CheckpointManager.
 
-A checkpoint holds three items: `state` (step, parameters, EMA parameters, optimiser state),
+A checkpoint contains three items: `state` (step, parameters, EMA parameters, optimiser state),
 `data` (the input iterator's position) and `meta` (the resolved config and the tokenizer model,
 so a checkpoint alone can sample). Orbax writes each step into a temporary folder and renames it
 when complete, so a crash mid-write leaves the previous checkpoint intact; the oldest ones are
@@ -52,7 +52,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
-    """Restore (state, data_state, meta) of `step`, placing arrays as `abstract_state` says.
+    """Restore (state, data_state, meta) of `step`, placing arrays as `abstract_state` specifies.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings, so a checkpoint can be
     restored onto any mesh.

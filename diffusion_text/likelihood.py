@@ -42,7 +42,7 @@ def diffusion_weight(schedule, t: Array) -> Array:
 def elbo_terms(denoise: Callable[[Array, Array], Array], interpolate: Callable[[Array], Array],
                schedule, x0_btl: Array, tokens_bt: Array, mask_bt: Array,
                rng: Array) -> dict[str, Array]:
-  """One Monte Carlo estimate of each term of the bound, summed over each sequence's tokens.
+  """Estimate each term of the bound once (Monte Carlo), summed over each sequence's tokens.
 
   `denoise(z [b, l, d], t [b]) -> logits [b, l, v]` is the network without self-conditioning.
   Returns a dict of [batch] arrays in nats: "prior", "diffusion", "reconstruction", and
@@ -76,8 +76,8 @@ def elbo_terms(denoise: Callable[[Array, Array], Array], interpolate: Callable[[
 def summarize(per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
   """Bits per token of each term and of their sum, each with its standard error.
 
-  `per_sequence` holds 1-D arrays, one entry per sequence, of summed nats (several estimates
-  of one sequence may be averaged first). Each figure is a ratio sum(nats) / sum(tokens); its
+  `per_sequence` contains 1-D arrays, one entry per sequence, of summed nats (several estimates
+  of one sequence may be averaged first). Each figure is a ratio sum(nats) / sum(tokens). Its
   standard error is the usual ratio-estimator one, treating sequences as independent draws.
   NOTE: the times of a batch are stratified, so this error slightly overstates the true one.
   """

@@ -71,9 +71,12 @@ def random_condition(rng, x0_btl, drop_prob: float) -> jax.Array:
 
 def noisy_logits(model, params, schedule, x0_btl, t_b, rng, *, self_cond_prob, mask_bt, train,
                  cond_btc=None):
-  """Noise x0 to time t and return the network's logits; with probability `self_cond_prob`
-  (one draw per batch) a first pass's stop-gradient x0_hat is fed back, as at sampling time.
-  `cond_btc` is the condition input of a conditional model (None: no condition)."""
+  """Noise x0 to time t and return the network's logits.
+
+  With probability `self_cond_prob` (one draw per batch) a first pass's stop-gradient x0_hat is
+  fed back, as at sampling time. `cond_btc` is the condition input of a conditional model
+  (None: no condition).
+  """
   rng_eps, rng_self, rng_drop1, rng_drop2 = jax.random.split(rng, 4)
   eps_btl = jax.random.normal(rng_eps, x0_btl.shape, x0_btl.dtype)
   z_btl = sde_lib.sample_marginal(schedule, x0_btl, t_b, eps_btl)
@@ -134,7 +137,7 @@ def x0_mse_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_p
   """Diffusion-LM style: ||x0_hat - x0||^2 per dimension at uniform t, plus a rounding term.
 
   The rounding term is the cross-entropy of the clean token given z at t_min, the same quantity
-  as the reconstruction term of the likelihood bound; it keeps embeddings decodable.
+  as the reconstruction term of the likelihood bound. It keeps the embeddings decodable.
   """
   rng_t, rng_noise, rng_round = jax.random.split(rng, 3)
   batch = tokens_bt.shape[0]

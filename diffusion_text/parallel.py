@@ -108,7 +108,7 @@ def axis_rules(mesh_config) -> tuple[tuple[str, object], ...]:
 def check_shardable(abstract_boxed_state, mesh_sizes: dict[str, int], rules) -> None:
   """Raise ConfigError if a parameter dimension cannot be split the way the axis rules map it.
 
-  `abstract_boxed_state` holds flax boxes with logical axis names (from `jax.eval_shape`).
+  `abstract_boxed_state` contains flax boxes with logical axis names (from `jax.eval_shape`).
   Two cases are rejected: a logical name with no rule (flax would replicate it silently), and
   a dimension whose size the product of its mesh axes does not divide (jit would fail while
   compiling).

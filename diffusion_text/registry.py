@@ -1,6 +1,6 @@
 """Name -> implementation look-ups for models, losses, schedules and samplers.
 
-Configs name their parts (`model.name`, `loss.name`, `sde.schedule`, `sample.sampler`); a user
+Configs name their parts (`model.name`, `loss.name`, `sde.schedule`, `sample.sampler`). A user
 module can add its own with `register` and be loaded with `--config.imports=my_module`, so
 nothing in the core needs editing.
 """

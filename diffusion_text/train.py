@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise TrainingStopped(
               f"stopped at step {step}: the last {bad_steps} steps had a non-finite loss or "
               f"gradients, so none of them changed the parameters. The checkpoint of step {step} "
-              f"in {checkpointer.directory} holds the parameters of step {step - bad_steps}. "
+              f"in {checkpointer.directory} contains the parameters of step {step - bad_steps}. "
               "Lower --config.train.learning_rate or --config.train.grad_clip, or check the "
               "data, then resume; --config.train.max_bad_steps sets this limit.")
       if step % config.train.eval_every == 0 or last:

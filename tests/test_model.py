@@ -101,12 +101,14 @@ def test_x0_mse_loss_terms_match_definition():
   loss, terms = losses.x0_mse_loss(model, params, sde.Cosine(), tokens, jnp.ones((4, 11)),
                                    jax.random.key(2), self_cond_prob=0.0, train=True)
   np.testing.assert_allclose(loss, terms["x0_mse"] + terms["rounding"], rtol=1e-6)
-  assert float(terms["x0_mse"]) > 0 and float(terms["rounding"]) > 0
+  assert float(terms["x0_mse"]) > 0
+  assert float(terms["rounding"]) > 0
 
 
 def test_stratified_times_cover_interval():
   t = np.sort(np.asarray(losses.stratified_times(jax.random.key(0), 64, 1e-3)))
-  assert t.min() >= 1e-3 and t.max() <= 1.0
+  assert t.min() >= 1e-3
+  assert t.max() <= 1.0
   # One time in each of 64 equal strata of [t_min, 1].
   strata = np.floor((t - 1e-3) / (1 - 1e-3) * 64).astype(int)
   assert sorted(strata.tolist()) == list(range(64))

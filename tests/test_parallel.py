@@ -265,7 +265,7 @@ def test_planner_matches_sharded_arrays(runs, mesh):
   assert plan.opt_state_bytes == per_device_bytes(state["opt_state"])
   assert plan.ema_bytes == per_device_bytes(state["ema"])
   assert plan.param_bytes < plan.param_bytes_total / 2
-  # Every device holds an equal share.
+  # Every device has an equal share.
   for leaf in jax.tree.leaves(state):
     assert len({s.data.nbytes for s in leaf.addressable_shards}) == 1
 

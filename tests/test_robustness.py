@@ -164,6 +164,7 @@ def test_non_finite_step_changes_nothing(config_file, tmp_path):
   experiment = Experiment(config, tokenizer)
   state = experiment.init_state()
   step_fn = experiment.make_train_step()
+
   source = sources.get_source(config.data, "train")
   batches = pipeline.make_train_iterator(source, tokenizer, seq_len=32, global_batch_size=8,
                                          seed=0)
@@ -187,6 +188,7 @@ def test_non_finite_step_changes_nothing(config_file, tmp_path):
       if applied > 1:
         assert any(not np.array_equal(a, np.asarray(b)) for a, b in
                    zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])))
+
   assert skipped > 0
   assert applied > 0
 

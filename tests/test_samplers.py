@@ -282,7 +282,7 @@ def random_condition(batch, length, seed=0):
 
 
 def wrong_denoiser(z, t_b, x0_self, cond=None):
-  """Always certain of token 1, so fixed tokens 0 survive only if the sampler holds them."""
+  """Always certain of token 1, so fixed tokens 0 survive only if the sampler keeps them fixed."""
   del t_b, x0_self, cond
   return jnp.zeros(z.shape[:2] + (2,)).at[..., 1].set(30.0)
 
@@ -302,7 +302,7 @@ def test_infilling_keeps_every_fixed_token(sampler):
 
 
 def test_fixed_positions_follow_forward_process():
-  """At every network call a fixed position holds alpha_t E[w] + sigma_t eps_init."""
+  """At every network call a fixed position is at alpha_t E[w] + sigma_t eps_init."""
   schedule = sde.Cosine()
   condition = random_condition(8, 6, seed=4)
   seen = []

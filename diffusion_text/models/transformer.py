@@ -51,7 +51,7 @@ def log_snr_features(log_snr_b: jax.Array, dim: int) -> jax.Array:
   """Sinusoidal features of lambda [batch] -> [batch, dim].
 
   The lowest frequency is 1/64, so lambda in [-30, 30] maps to an angle within (-pi/2, pi/2)
-  and the features stay distinct across every schedule's range; a scaled copy of lambda itself
+  and the features stay distinct across every schedule's range. A scaled copy of lambda itself
   is appended as a last, monotone feature.
   """
   half = (dim - 1) // 2
