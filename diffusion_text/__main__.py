@@ -43,6 +43,10 @@ _ROUNDING = flags.DEFINE_enum("rounding", "argmax", ["argmax", "sample"], "sampl
                               "token choice, the most likely token or a draw from the logits.")
 _ROUNDING_FLOAT64 = flags.DEFINE_bool("rounding_float64", False, "sample: draw the final tokens "
                                       "in float64 (turns on jax_enable_x64).")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "sample, AR runs: softmax temperature "
+                                  "(0: most likely token); default: the run's sample.temperature.")
+_TOP_P = flags.DEFINE_float("top_p", None, "sample, AR runs: draw from the smallest set of tokens "
+                            "with this much probability; default: the run's sample.top_p.")
 _TIME_SAMPLES = flags.DEFINE_integer("time_samples", 1, "eval: draws of t and noise per "
                                      "sequence for the likelihood bound.")
 _USE_EMA = flags.DEFINE_bool("use_ema", True, "sample/eval: use the EMA parameters.")
@@ -88,7 +92,8 @@ def run(command: str) -> None:
                              steps=_STEPS.value, seed=_SEED.value, use_ema=_USE_EMA.value,
                              prefix=_PREFIX.value, template=_TEMPLATE.value,
                              guidance=_GUIDANCE.value, grid=_GRID.value, clamp=_CLAMP.value,
-                             rounding=_ROUNDING.value, rounding_float64=_ROUNDING_FLOAT64.value)
+                             rounding=_ROUNDING.value, rounding_float64=_ROUNDING_FLOAT64.value,
+                             temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
     for i, text in enumerate(texts):
       print(f"--- sample {i}\n{text}")
   elif command == "eval":

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.max_chars = 3_000_000  # Characters of training text used to fit the tokenizer.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "transformer"  # Registry name of the score network.
+  c.model.name = "transformer"  # "transformer" (diffusion) or "ar_transformer" (AR baseline).
   c.model.embed_dim = 64  # Dimension of the token embeddings that are diffused (the latent).
   c.model.width = 192  # Transformer hidden size.
   c.model.num_layers = 4
@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sde.beta_max = 20.0  # linear: beta(1).
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "ce"  # "ce" (score interpolation, CDCD) or "x0_mse" (Diffusion-LM style).
+  # "ce" (score interpolation, CDCD) or "x0_mse" (Diffusion-LM style); "next_token" for AR.
+  c.loss.name = "ce"
   c.loss.self_cond_prob = 0.5  # Probability that a training batch uses self-conditioning.
   c.loss.cond_drop_prob = 0.0  # model.conditional: share of examples trained without condition.
 
@@ -103,6 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.num_samples = 8
   c.sample.grid = "t"  # Time grid: "t" (even in t) or "log_snr" (even in log-SNR).
   c.sample.clamp = False  # Replace x0_hat by its nearest embedding row at every step.
+  c.sample.temperature = 1.0  # AR models: softmax temperature; 0 picks the most likely token.
+  c.sample.top_p = 1.0  # AR models: draw from the smallest token set with this much probability.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -185,6 +188,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.train.warmup_steps >= config.train.steps:
     raise ConfigError(f"--config.train.warmup_steps={config.train.warmup_steps} must be smaller "
                       f"than --config.train.steps={config.train.steps}.")
+  if config.sample.get("temperature", 1.0) < 0.0:
+    raise ConfigError(f"--config.sample.temperature={config.sample.temperature} must be at least 0 "
+                      "(0 picks the most likely token).")
+  if not 0.0 < config.sample.get("top_p", 1.0) <= 1.0:
+    raise ConfigError(f"--config.sample.top_p={config.sample.top_p} must lie in (0, 1].")
   for axis in ("data", "fsdp", "tensor"):
     size = config.mesh[axis]
     if size == 0 or size < -1:

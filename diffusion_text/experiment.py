@@ -26,13 +26,15 @@ import optax
 
 from diffusion_text import checkpoint as ckpt_lib
 from diffusion_text import config as config_lib
+from diffusion_text import decoding
 from diffusion_text import parallel
 from diffusion_text import registry
 from diffusion_text import samplers
 from diffusion_text import sde as sde_lib
 from diffusion_text.data import sources
-from diffusion_text.data.tokenizer import Tokenizer
+from diffusion_text.data.tokenizer import BOS_ID, Tokenizer
 from diffusion_text.errors import ConfigError
+from diffusion_text.models.autoregressive import shift_right
 from diffusion_text.models.transformer import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -109,7 +111,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   path = os.path.join(workdir, TOKENIZER_FILE)
   if os.path.exists(path):
     logging.info("tokenizer: reusing %s", path)
-    return Tokenizer.load(path)
+    return Tokenizer.from_bytes(path.read_bytes())
   logging.info("tokenizer: training %d pieces on the training split", config.tokenizer.vocab_size)
 
   def train_privately() -> Tokenizer:
@@ -165,6 +167,14 @@ class Experiment:
     self.model = registry.get("model", config.model.name)(self.model_config)
     self.schedule = sde_lib.make_schedule(config.sde)
     self.loss_fn = registry.get("loss", config.loss.name)
+    # "diffusion" or "ar" (the autoregressive baseline); decides evaluation and sampling.
+    self.kind = getattr(self.model, "kind", "diffusion")
+    loss_kind = getattr(self.loss_fn, "model_kind", "diffusion")
+    if loss_kind != self.kind:
+      raise ConfigError(
+          f"--config.loss.name={config.loss.name} trains {loss_kind} models, but "
+          f"--config.model.name={config.model.name} is a {self.kind} model; use "
+          f"{'loss.name=next_token' if self.kind == 'ar' else 'loss.name=ce or x0_mse'}.")
     self.optimizer = make_optimizer(config)
     self._check_batch(config.train.batch_size, "--config.train.batch_size")
 
@@ -182,7 +192,8 @@ class Experiment:
 
   def _init_state(self, rng, boxed: bool = False) -> dict[str, Any]:
     tokens = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-    params = self.model.init(rng, tokens, jnp.zeros((1,)))["params"]
+    inputs = (tokens,) if self.kind == "ar" else (tokens, jnp.zeros((1,)))
+    params = self.model.init(rng, *inputs)["params"]
     if not boxed:
       params = nn.unbox(params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "ema": params,
@@ -199,17 +210,26 @@ class Experiment:
     return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
 
   def flops_per_token(self) -> float:
-    """Forward-pass FLOPs per token of the score network (matrix products only)."""
+    """Forward-pass FLOPs per token of the network (matrix products only).
+
+    Attention counts the whole length for causal models too, as the compiled step computes it.
+    The AR model's input is a table look-up; the diffusion model's is two dense layers (noisy
+    latent and self-conditioning) plus the interpolation of embeddings from the logits.
+    """
     c = self.model_config
     per_layer = 2 * 4 * c.width**2 + 2 * 2 * c.width * c.mlp_dim + 2 * 2 * c.seq_len * c.width
-    io = 2 * 2 * c.embed_dim * c.width + 2 * c.width * c.vocab_size
+    head = 2 * c.width * c.vocab_size
+    if self.kind == "ar":
+      return float(c.num_layers * per_layer + head)
+    io = 2 * 2 * c.embed_dim * c.width + head
     interpolate = 2 * c.vocab_size * c.embed_dim
     return float(c.num_layers * per_layer + io + interpolate)
 
   def train_flops_per_token(self) -> float:
     # Forward and backward cost three forward passes; self-conditioning adds a forward pass
-    # on the share of batches that use it.
-    return (3.0 + self.config.loss.self_cond_prob) * self.flops_per_token()
+    # on the share of diffusion batches that use it.
+    extra = self.config.loss.self_cond_prob if self.kind == "diffusion" else 0.0
+    return (3.0 + extra) * self.flops_per_token()
 
   # -- compiled functions -------------------------------------------------------------------
 
@@ -266,8 +286,14 @@ class Experiment:
     split. Noise is drawn from `fold_in(rng, index)`, so every window gets the same time and
     noise whatever the batch size or the number of devices, and so does the figure. The
     figure is the `ce` objective without self-conditioning, whichever loss trains the model.
+    For an AR model it is the exact negative log-likelihood; `t`, `index` and `rng` are unused.
     """
     model, schedule = self.model, self.schedule
+
+    def ar_eval_step(params, batch, rng):
+      del rng
+      nats_b = self._token_nll(params, batch["tokens"], batch["mask"])
+      return jnp.sum(nats_b), jnp.sum(batch["mask"])
 
     def eval_step(params, batch, rng):
       tokens_bt, mask_bt, t_b = batch["tokens"], batch["mask"], batch["t"]
@@ -283,12 +309,70 @@ class Experiment:
 
     param_shardings = self.state_shardings["params"]
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(eval_step,
+      return jax.jit(ar_eval_step if self.kind == "ar" else eval_step,
                      in_shardings=(param_shardings, self.batch_sharding, self.replicated),
                      out_shardings=(self.replicated, self.replicated))
 
+  def _token_nll(self, params, tokens_bt, mask_bt):
+    """Exact negative log-likelihood of each sequence under the AR model, in nats [batch]."""
+    model = self.model
+    logits_btv = model.apply({"params": params}, shift_right(tokens_bt, BOS_ID),
+                             mask_bt)
+    nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt)
+    return jnp.sum(nll_bt * mask_bt, axis=1)
+
+  def make_token_nll(self):
+    """Compile (params, tokens [b, L], mask [b, L]) -> nats per sequence [b] (AR models only).
+
+    Scores any token sequences, for example another model's samples: token 0 is predicted
+    from BOS alone, token i from BOS and tokens 0..i-1; masked positions count nothing.
+    """
+    if self.kind != "ar":
+      raise ConfigError(f"scoring token sequences needs an AR model; --config.model.name="
+                        f"{self.config.model.name} is a {self.kind} model.")
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(self._token_nll,
+                     in_shardings=(self.state_shardings["params"], self.batch_sharding,
+                                   self.batch_sharding),
+                     out_shardings=self.batch_sharding)
+
+  def make_ar_sampler(self, *, num_samples: int, temperature: float, top_p: float,
+                      conditioned: bool = False):
+    """Compile key/value-cached AR generation of `num_samples` full-length sequences.
+
+    Returns `fn(params, rng)`, or `fn(params, rng, tokens_bt, fixed_bt)` when `conditioned`
+    (fixed positions are forced), that returns (tokens [num_samples, seq_len], logits).
+    """
+    self._check_batch(num_samples, "--num_samples")
+    decoding.check_options(temperature, top_p)
+    model, seq_len = self.model, self.config.data.seq_len
+
+    def sample(params, rng, tokens_bt=None, fixed_bt=None):
+      def decode(inputs_bt, position, cache):
+        return model.apply({"params": params}, inputs_bt, position, cache, method=model.decode)
+
+      cache = model.apply({"params": params}, num_samples, method=model.init_cache)
+      return decoding.generate(decode, cache, rng, batch=num_samples, length=seq_len,
+                               bos_id=BOS_ID, temperature=temperature,
+                               top_p=top_p, tokens_bt=tokens_bt, fixed_bt=fixed_bt)
+
+    in_shardings = (self.state_shardings["params"], self.replicated)
+    if conditioned:
+      in_shardings += (self.batch_sharding, self.batch_sharding)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(sample, in_shardings=in_shardings,
+                     out_shardings=(self.batch_sharding, self.batch_sharding))
+
   def make_sampler(self, *, sampler: str, steps: int, num_samples: int):
-    """Compile (params, rng) -> (tokens [num_samples, seq_len], logits) for one sampler."""
+    """Compile (params, rng) -> (tokens [num_samples, seq_len], logits) for one sampler.
+
+    An AR model ignores `sampler` and `steps` and decodes with the config's
+    `sample.temperature` and `sample.top_p`.
+    """
+    if self.kind == "ar":
+      return self.make_ar_sampler(num_samples=num_samples,
+                                  temperature=self.config.sample.get("temperature", 1.0),
+                                  top_p=self.config.sample.get("top_p", 1.0))
     self._check_batch(num_samples, "--num_samples")
     model, schedule = self.model, self.schedule
     shape = (num_samples, self.config.data.seq_len, self.config.model.embed_dim)

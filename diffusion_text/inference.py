@@ -126,12 +126,29 @@ def make_sampler(experiment: Experiment, *, sampler: str, steps: int, num_sample
                    out_shardings=(experiment.batch_sharding, experiment.batch_sharding))
 
 
+def _check_ar_options(*, sampler, steps, template, guidance, grid, clamp, rounding,
+                      rounding_float64) -> None:
+  """Raise ConfigError for a diffusion-only sampling option given to an AR run."""
+  given = {"--sampler": sampler is not None, "--steps": steps is not None,
+           "--template": template is not None, "--guidance": guidance is not None,
+           "--grid": grid is not None, "--clamp": clamp is not None,
+           "--rounding": rounding != "argmax", "--rounding_float64": rounding_float64}
+  wrong = [flag for flag, is_given in given.items() if is_given]
+  if wrong:
+    raise ConfigError(f"{', '.join(wrong)}: diffusion sampling options, but this run is an "
+                      "autoregressive model; it takes --prefix, --temperature and --top_p.")
+
+
 def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | None,
            seed: int, use_ema: bool = True, prefix: str | None = None,
            template: str | None = None, guidance: float | None = None, grid: str | None = None,
            clamp: bool | None = None, rounding: str = "argmax",
-           rounding_float64: bool = False) -> list[str]:
-  """Draw `num_samples` texts; unset options fall back to the run's `sample.*` config."""
+           rounding_float64: bool = False, temperature: float | None = None,
+           top_p: float | None = None) -> list[str]:
+  """Draw `num_samples` texts; unset options fall back to the run's `sample.*` config.
+
+  `temperature` and `top_p` apply to AR runs, every other option to diffusion runs.
+  """
   if prefix is not None and template is not None:
     raise ConfigError("--prefix and --template both fix text; pass only one.")
   if num_samples < 1:
@@ -144,19 +161,30 @@ def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | 
     jax.config.update("jax_enable_x64", True)
   experiment, state, _ = load_run(workdir)
   config = experiment.config
-  sampler = sampler or config.sample.sampler
-  steps = config.sample.steps if steps is None else steps
-  grid = grid or config.sample.get("grid", "t")
-  clamp = config.sample.get("clamp", False) if clamp is None else clamp
-  conditioned = prefix is not None or template is not None
-  sample_fn = make_sampler(experiment, sampler=sampler, steps=steps, num_samples=num_samples,
-                           conditioned=conditioned, guidance=guidance, grid=grid, clamp=clamp,
-                           rounding=rounding, rounding_float64=rounding_float64)
-  logging.info("sampling %d sequences with %s, %d steps (%d network evaluations), grid %s",
-               num_samples, sampler, steps, samplers.nfe(sampler, steps, guidance is not None),
-               grid)
   params = state["ema"] if use_ema else state["params"]
   rng = jax.random.key(seed)
+  conditioned = prefix is not None or template is not None
+  if experiment.kind == "ar":
+    _check_ar_options(sampler=sampler, steps=steps, template=template, guidance=guidance,
+                      grid=grid, clamp=clamp, rounding=rounding,
+                      rounding_float64=rounding_float64)
+    temperature = config.sample.get("temperature", 1.0) if temperature is None else temperature
+    top_p = config.sample.get("top_p", 1.0) if top_p is None else top_p
+    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
+      raise ConfigError(f"--temperature={temperature} must be at least 0 and --top_p={top_p} "
+                        "must lie in (0, 1].")
+    sample_fn = experiment.make_ar_sampler(num_samples=num_samples, temperature=temperature,
+                                           top_p=top_p, conditioned=conditioned)
+    logging.info("sampling %d sequences by AR decoding, temperature %g, top_p %g", num_samples,
+                 temperature, top_p)
+  else:
+    if temperature is not None or top_p is not None:
+      raise ConfigError("--temperature and --top_p apply to autoregressive runs; this run is a "
+                        "diffusion model (see --sampler, --steps and --rounding).")
+    sample_fn = _diffusion_sampler(experiment, num_samples=num_samples, sampler=sampler,
+                                   steps=steps, grid=grid, clamp=clamp, guidance=guidance,
+                                   conditioned=conditioned, rounding=rounding,
+                                   rounding_float64=rounding_float64)
   if not conditioned:
     tokens, _ = sample_fn(params, rng)
     return experiment.decode(tokens)
@@ -168,6 +196,23 @@ def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | 
                                             experiment.mesh)["x"]
   tokens, _ = sample_fn(params, rng, batch(tokens_t), batch(fixed_t))
   return experiment.decode(tokens)
+
+
+def _diffusion_sampler(experiment: Experiment, *, num_samples, sampler, steps, grid, clamp,
+                       guidance, conditioned, rounding, rounding_float64):
+  """`make_sampler` with unset options taken from the run's config; logs what it runs."""
+  config = experiment.config
+  sampler = sampler or config.sample.sampler
+  steps = config.sample.steps if steps is None else steps
+  grid = grid or config.sample.get("grid", "t")
+  clamp = config.sample.get("clamp", False) if clamp is None else clamp
+  sample_fn = make_sampler(experiment, sampler=sampler, steps=steps, num_samples=num_samples,
+                           conditioned=conditioned, guidance=guidance, grid=grid, clamp=clamp,
+                           rounding=rounding, rounding_float64=rounding_float64)
+  logging.info("sampling %d sequences with %s, %d steps (%d network evaluations), grid %s",
+               num_samples, sampler, steps, samplers.nfe(sampler, steps, guidance is not None),
+               grid)
+  return sample_fn
 
 
 def make_elbo_step(experiment: Experiment):
@@ -199,6 +244,8 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
 
   Each sequence's terms are averaged over `time_samples` independent draws of t and noise.
   The result also contains "loss", the training objective (mean cross-entropy in nats per token).
+  For an AR run `total_bits_per_token` is the exact negative log-likelihood instead (its only
+  term is `nll`), and `time_samples` must stay 1.
   """
   if time_samples < 1:
     raise ConfigError(f"--time_samples={time_samples} must be at least 1.")
@@ -212,6 +259,17 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
   params = state["ema"] if use_ema else state["params"]
   scalars = train_lib.evaluate(experiment.make_eval_step(), params, batches, experiment,
                                config.seed)
+  summary = {"step": step, "split": split, "weights": "ema" if use_ema else "params",
+             "time_samples": time_samples}
+  if experiment.kind == "ar":
+    if time_samples != 1:
+      raise ConfigError(f"--time_samples={time_samples}: an AR model's likelihood is exact, "
+                        "with no time to sample; leave the flag out.")
+    nll = exact_nll(experiment, params, batches)
+    logging.info("negative log-likelihood on %s: %.4f +- %.4f bits/token over %d sequences",
+                 split, nll["total_bits_per_token"], nll["total_stderr"], nll["sequences"])
+    return {**summary, **nll, "loss": scalars["eval/loss"],
+            "loss_tokens": int(scalars["eval/tokens"])}
 
   elbo_step = make_elbo_step(experiment)
   rng = jax.random.fold_in(jax.random.key(config.seed), train_lib.EVAL_STREAM)
@@ -230,6 +288,57 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
   logging.info("bound on %s: %.4f +- %.4f bits/token over %d sequences, %d draws of t each",
                split, bound["total_bits_per_token"], bound["total_stderr"], bound["sequences"],
                time_samples)
-  return {"step": step, "split": split, "weights": "ema" if use_ema else "params",
-          "time_samples": time_samples, **bound, "loss": scalars["eval/loss"],
+  return {**summary, **bound, "loss": scalars["eval/loss"],
           "loss_tokens": int(scalars["eval/tokens"])}
+
+
+def exact_nll(experiment: Experiment, params, batches: list[dict[str, np.ndarray]]) -> dict:
+  """An AR model's negative log-likelihood of `batches` in bits per token, with its error."""
+  token_nll = experiment.make_token_nll()
+  nats, tokens = [], []
+  for batch in batches:
+    global_batch = parallel.global_batch(batch, experiment.mesh)
+    nats.append(parallel.gather_to_host(
+        token_nll(params, global_batch["tokens"], global_batch["mask"])))
+    tokens.append(parallel.gather_to_host(global_batch["mask"]).sum(axis=1))
+  nats_s, tokens_s = np.concatenate(nats), np.concatenate(tokens)
+  real = tokens_s > 0  # Padding rows of the last batch hold no tokens.
+  return likelihood.summarize({"nll": nats_s[real], "tokens": tokens_s[real]}, terms=("nll",))
+
+
+class TextJudge:
+  """Scores text with a trained AR run: the generative perplexity of another model's samples.
+
+  Texts are encoded with the judge's own tokenizer, so the sampling model may use another one,
+  and each text is cut to the judge's `seq_len` tokens. Token 0 of each text is predicted from
+  BOS alone.
+  """
+
+  def __init__(self, workdir: str, use_ema: bool = True):
+    if jax.process_count() > 1:
+      raise ConfigError("scoring text with a judge runs in a single process; start it without "
+                        "the distributed runtime.")
+    self.experiment, state, self.step = load_run(workdir)
+    if self.experiment.kind != "ar":
+      raise ConfigError(f"--judge={workdir} is a {self.experiment.kind} run; a judge must be an "
+                        "autoregressive run (for example experiments/ar.py).")
+    self.params = state["ema"] if use_ema else state["params"]
+    self._token_nll = self.experiment.make_token_nll()
+
+  def score(self, texts: list[str]) -> dict[str, float]:
+    """Negative log-likelihood of `texts` in bits per (judge) token, with its standard error."""
+    experiment = self.experiment
+    seq_len = experiment.config.data.seq_len
+    rows = [experiment.tokenizer.encode(text)[:seq_len] for text in texts]
+    divisor = parallel.batch_divisor(experiment.mesh)
+    padded = -(-len(rows) // divisor) * divisor
+    tokens = np.zeros((padded, seq_len), np.int32)
+    mask = np.zeros((padded, seq_len), np.float32)
+    for i, ids in enumerate(rows):
+      tokens[i, :len(ids)] = ids
+      mask[i, :len(ids)] = 1.0
+    batch = parallel.global_batch({"tokens": tokens, "mask": mask}, experiment.mesh)
+    nats = parallel.gather_to_host(self._token_nll(self.params, batch["tokens"], batch["mask"]))
+    counts = mask.sum(axis=1)
+    real = counts > 0  # Empty texts and padding rows carry no tokens.
+    return likelihood.summarize({"nll": nats[real], "tokens": counts[real]}, terms=("nll",))

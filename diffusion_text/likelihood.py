@@ -73,7 +73,8 @@ def elbo_terms(denoise: Callable[[Array, Array], Array], interpolate: Callable[[
           "reconstruction": per_sequence(reconstruction_bt), "tokens": jnp.sum(mask_bt, axis=1)}
 
 
-def summarize(per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
+def summarize(per_sequence: dict[str, np.ndarray],
+              terms: tuple[str, ...] = TERMS) -> dict[str, float]:
   """Bits per token of each term and of their sum, each with its standard error.
 
   `per_sequence` contains 1-D arrays, one entry per sequence, of summed nats (several estimates
@@ -85,8 +86,8 @@ def summarize(per_sequence: dict[str, np.ndarray]) -> dict[str, float]:
   n = tokens.size
   if n < 2:
     raise ValueError(f"a standard error needs at least 2 sequences, got {n}")
-  values = {term: np.asarray(per_sequence[term], np.float64) for term in TERMS}
-  values["total"] = sum(values[term] for term in TERMS)
+  values = {term: np.asarray(per_sequence[term], np.float64) for term in terms}
+  values["total"] = sum(values[term] for term in terms)
 
   out: dict[str, float] = {"sequences": n, "tokens": float(tokens.sum())}
   for name, nats in values.items():

@@ -16,6 +16,8 @@ import optax
 from diffusion_text import registry
 from diffusion_text import samplers
 from diffusion_text import sde as sde_lib
+from diffusion_text.data.tokenizer import BOS_ID
+from diffusion_text.models.autoregressive import shift_right
 
 NUM_TIME_BINS = 4  # Loss is also reported for t in [0, 1/4), [1/4, 1/2), ...
 _CONDITION_STREAM = 0x636F6E64  # fold_in tag for the random conditions of a conditional model
@@ -159,3 +161,22 @@ def x0_mse_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_p
   mse, rounding = masked_mean(mse_bt, mask_bt), masked_mean(rounding_bt, mask_bt)
   terms = {"x0_mse": mse, "rounding": rounding, **loss_by_time(mse_bt, mask_bt, t_b)}
   return mse + rounding, terms
+
+
+@registry.register("loss", "next_token")
+def next_token_loss(model, params, schedule, tokens_bt, mask_bt, rng, *, self_cond_prob, train,
+                    cond_drop_prob=0.0):
+  """Autoregressive baseline: cross-entropy of each token given the tokens before it.
+
+  The diffusion arguments (`schedule`, `self_cond_prob`, `cond_drop_prob`) are accepted so that
+  the trainer calls every loss alike, and ignored.
+  """
+  del schedule, self_cond_prob, cond_drop_prob
+  logits_btv = model.apply({"params": params}, shift_right(tokens_bt, BOS_ID), mask_bt, not train,
+                           rngs={"dropout": rng})
+  nll_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt)
+  loss = masked_mean(nll_bt, mask_bt)
+  return loss, {"nll": loss}
+
+
+next_token_loss.model_kind = "ar"  # Experiment checks that the model is autoregressive.

@@ -66,5 +66,5 @@ def check_names(config) -> None:
 
 def _load_builtins() -> None:
   # Importing these modules runs their register() calls.
-  for module in ("sde", "losses", "samplers", "models.transformer"):
+  for module in ("sde", "losses", "samplers", "models.transformer", "models.autoregressive"):
     importlib.import_module(f"diffusion_text.{module}")

@@ -137,9 +137,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def run_eval(step: int) -> dict[str, float]:
     scalars = evaluate(eval_step, state["ema"], eval_batches, experiment, config.seed)
-    table = experiment.model.apply({"params": state["ema"]},
-                                   method=experiment.model.embedding_table)
-    scalars.update(metrics_lib.embedding_health(parallel.gather_to_host(table)))
+    if experiment.kind == "diffusion":  # Only diffused embeddings can collapse.
+      table = experiment.model.apply({"params": state["ema"]},
+                                     method=experiment.model.embedding_table)
+      scalars.update(metrics_lib.embedding_health(parallel.gather_to_host(table)))
     for warning in metrics_lib.health_warnings(scalars):
       logging.warning("step %d: %s", step, warning)
     writer.write_scalars(step, scalars)
@@ -152,8 +153,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     texts = experiment.decode(tokens)
     scalars = metrics_lib.sample_health(parallel.gather_to_host(tokens), tokenizer)
     writer.write_scalars(step, scalars)
-    path = writer.write_samples(step, texts, header=f"# step {step}, sampler "
-                                f"{config.sample.sampler}, {config.sample.steps} steps, EMA weights")
+    if experiment.kind == "ar":
+      how = (f"AR decoding, temperature {config.sample.temperature}, top_p "
+             f"{config.sample.top_p}")
+    else:
+      how = f"sampler {config.sample.sampler}, {config.sample.steps} steps"
+    path = writer.write_samples(step, texts, header=f"# step {step}, {how}, EMA weights")
     if path:
       logging.info("samples at step %d written to %s; first one:\n%s", step, path, texts[0][:400])
     for warning in metrics_lib.health_warnings(scalars):

@@ -1,13 +1,14 @@
 """Sample quality against network evaluations (NFE) for every sampler of a trained run.
 
-    python scripts/sampler_frontier.py --workdir=runs/demo
+    python scripts/sampler_frontier.py --workdir=runs/demo --judge=runs/ar
 
 For each sampler and NFE budget the script draws `--num_samples` sequences with the EMA
-weights and scores them with an independent judge: an interpolated Kneser-Ney bigram model over
-token ids, fitted on the run's training split. It reports the judge's negative log-likelihood
-of the samples (bits per token, lower is more like the training text) and the unigram entropy
-of the sampled tokens (bits, which collapses when a sampler repeats a few tokens). Real
-validation text gives the reference values. The table goes to docs/samplers.md and the plot to
+weights and scores them with an independent judge: a trained autoregressive run
+(`experiments/ar.py`) on the same corpus, which reads the decoded text with its own tokenizer.
+It reports the judge's negative log-likelihood of the samples (generative perplexity, in bits
+per judge token; lower is more like the training text) and the unigram entropy of the sampled
+tokens (bits, which collapses when a sampler repeats a few tokens). Real validation text gives
+the reference values. The table goes to docs/samplers.md and the plot to
 docs/samplers_frontier.png.
 
 A budget of B evaluations runs max(1, (B - 1) // k) steps, where k is the sampler's network
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -40,37 +40,6 @@ SAMPLERS = ("euler_maruyama", "ode_euler", "ode_heun", "ddpm", "dpm_solver_pp_1"
 NFE_BUDGETS = (4, 8, 16, 32, 64, 128, 256)
 
 
-class BigramJudge:
-  """Interpolated Kneser-Ney bigram model over token ids, with discount 0.75.
-
-  p(b | a) = max(c(a, b) - D, 0) / c(a) + D N1+(a, .) / c(a) p_cont(b), where the continuation
-  probability p_cont(b) is the share of distinct left neighbours that b has, mixed with 1e-3 of
-  the uniform distribution so unseen tokens keep a finite cost. A history never seen uses
-  p_cont alone.
-  """
-
-  DISCOUNT = 0.75
-
-  def __init__(self, streams: list[np.ndarray], vocab_size: int):
-    counts = np.zeros((vocab_size, vocab_size), np.float64)
-    for ids in streams:
-      np.add.at(counts, (ids[:-1], ids[1:]), 1.0)
-    seen = counts > 0
-    continuation = seen.sum(axis=0) / max(seen.sum(), 1)
-    self.unigram = 0.999 * continuation + 0.001 / vocab_size
-    history = counts.sum(axis=1, keepdims=True)
-    backoff = self.DISCOUNT * seen.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      probs = (np.maximum(counts - self.DISCOUNT, 0.0) + backoff * self.unigram) / history
-    self.log2_probs = np.log2(np.where(history > 0, probs, self.unigram[None, :]))
-
-  def bits_per_token(self, rows: np.ndarray) -> np.ndarray:
-    """Mean negative log2-likelihood of each row [n, length]; the first token uses p_cont."""
-    first = -np.log2(self.unigram[rows[:, 0]])
-    rest = -self.log2_probs[rows[:, :-1], rows[:, 1:]].sum(axis=1)
-    return (first + rest) / rows.shape[1]
-
-
 def unigram_entropy(rows: np.ndarray) -> float:
   """Entropy in bits of the empirical distribution of all tokens in `rows`."""
   _, counts = np.unique(rows, return_counts=True)
@@ -82,26 +51,25 @@ def natural_grid(sampler: str) -> str:
   return "log_snr" if sampler.startswith("dpm_solver") else "t"
 
 
-def fit_judge(experiment) -> tuple[BigramJudge, np.ndarray]:
-  """Fit the judge on the training split; return it with real validation windows."""
+def validation_windows(experiment) -> np.ndarray:
+  """Full windows of the validation split, the reference that samples are compared with."""
   config = experiment.config
-  tokenizer = experiment.tokenizer
-  texts = sources.get_texts(config.data, "train")
-  streams = [np.asarray(tokenizer.encode(text) + [tokenizer.eos_id], np.int64) for text in texts]
-  judge = BigramJudge(streams, tokenizer.vocab_size)
-  batches = pipeline.make_eval_batches(sources.get_source(config.data, "validation"), tokenizer,
+  batches = pipeline.make_eval_batches(sources.get_source(config.data, "validation"),
+                                       experiment.tokenizer,
                                        seq_len=config.data.seq_len,
                                        batch_size=config.train.batch_size, max_batches=4)
-  windows = np.concatenate([b["tokens"][b["mask"].all(axis=1)] for b in batches])
-  return judge, windows
+  return np.concatenate([b["tokens"][b["mask"].all(axis=1)] for b in batches])
 
 
-def run_frontier(workdir: str, sampler_names, budgets, num_samples: int, seed: int):
+def run_frontier(workdir: str, judge_workdir: str, sampler_names, budgets, num_samples: int,
+                 seed: int):
   experiment, state, step = inference.load_run(workdir)
-  logging.info("fitting the bigram judge on the training split")
-  judge, windows = fit_judge(experiment)
-  reference = {"judge_bits": float(judge.bits_per_token(windows).mean()),
-               "entropy_bits": unigram_entropy(windows), "windows": len(windows)}
+  judge = inference.TextJudge(judge_workdir)
+  windows = validation_windows(experiment)
+  real = judge.score(experiment.decode(windows))
+  reference = {"judge_bits": real["total_bits_per_token"], "judge_stderr": real["total_stderr"],
+               "entropy_bits": unigram_entropy(windows), "windows": len(windows),
+               "judge_step": judge.step}
   rows = []
   for name in sampler_names:
     per_step = registry.get("sampler", name).evals_per_step
@@ -115,10 +83,10 @@ def run_frontier(workdir: str, sampler_names, budgets, num_samples: int, seed: i
       tokens, _ = sample_fn(state["ema"], rng)
       tokens = np.asarray(jax.device_get(tokens))
       seconds = time.perf_counter() - start
-      bits = judge.bits_per_token(tokens)
+      score = judge.score(experiment.decode(tokens))
       rows.append({"sampler": name, "budget": budget, "steps": steps,
-                   "nfe": samplers.nfe(name, steps), "judge_bits": float(bits.mean()),
-                   "judge_stderr": float(bits.std(ddof=1) / math.sqrt(len(bits))),
+                   "nfe": samplers.nfe(name, steps), "judge_bits": score["total_bits_per_token"],
+                   "judge_stderr": score["total_stderr"],
                    "entropy_bits": unigram_entropy(tokens), "seconds": seconds})
       logging.info("%s", rows[-1])
   return rows, reference, step
@@ -168,15 +136,16 @@ def write_markdown(rows, reference, step, args, path: str, plot_path: str) -> No
       f"seed {args.seed}. Written by `python {' '.join(sys.argv)}`.",
       "",
       "Each cell is `judge NLL +- standard error / unigram entropy`, both in bits. The judge is "
-      "an interpolated Kneser-Ney bigram model over token ids fitted on the training split; "
-      "lower NLL means the samples look more like training text. The entropy of the sampled "
+      f"the autoregressive run `{args.judge}` (step {reference['judge_step']}, EMA weights), "
+      "which reads the decoded samples with its own tokenizer; lower NLL means the samples look "
+      "more like training text to it (generative perplexity is 2 to that power). The entropy of the sampled "
       "tokens shows whether a low NLL comes from repeating a few common tokens. DPM-Solver++ "
       "runs on a grid even in log-SNR, the others on a grid even in t. Column headers are NFE "
       "budgets; a run uses max(1, (budget - 1) // k) steps of k network calls (k = 2 for "
       "Heun), plus one rounding call.",
       "",
       f"Validation text ({reference['windows']} windows): judge NLL "
-      f"{reference['judge_bits']:.3f} bits/token, unigram entropy "
+      f"{reference['judge_bits']:.3f} +- {reference['judge_stderr']:.3f} bits/token, unigram entropy "
       f"{reference['entropy_bits']:.3f} bits.",
       "",
       "| sampler | " + " | ".join(str(b) for b in budgets) + " |",
@@ -213,6 +182,8 @@ def write_markdown(rows, reference, step, args, path: str, plot_path: str) -> No
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="run directory of a trained model")
+  parser.add_argument("--judge", required=True,
+                      help="run directory of a trained autoregressive model on the same corpus")
   parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated names")
   parser.add_argument("--nfe", default=",".join(map(str, NFE_BUDGETS)),
                       help="comma-separated NFE budgets")
@@ -224,7 +195,7 @@ def main() -> None:
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-  rows, reference, step = run_frontier(args.workdir, args.samplers.split(","),
+  rows, reference, step = run_frontier(args.workdir, args.judge, args.samplers.split(","),
                                        [int(b) for b in args.nfe.split(",")], args.num_samples,
                                        args.seed)
   write_plot(rows, reference, args.plot)

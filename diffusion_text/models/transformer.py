@@ -74,10 +74,19 @@ def _modulate(x_btd, shift_bd, scale_bd):
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention; causal for the autoregressive baseline.
+
+  With `cache` (keys and values [batch, seq_len, heads, head_dim] and the write `position`),
+  `x_btd` holds the tokens at `position`, `position + 1`, ...; their keys and values are written
+  into the cache, queries attend to every cached position up to their own, and the call returns
+  (output, updated cache). This is key/value-cached decoding.
+  """
+
   cfg: ModelConfig
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x_btd, mask_bt):
+  def __call__(self, x_btd, mask_bt, cache=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     head_dim = cfg.width // cfg.num_heads
     init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -88,38 +97,74 @@ class Attention(nn.Module):
     q_btnh, k_btnh, v_btnh = (jnp.einsum("btd,dnh->btnh", x_btd, w.astype(dtype))
                               for w in qkv_dnh)
     mask = None if mask_bt is None else mask_bt[:, None, None, :].astype(bool)
-    out_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask)
+    if cache is None:
+      out_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask,
+                                              is_causal=self.causal)
+    else:
+      position = cache["position"]
+      k_bsnh = jax.lax.dynamic_update_slice_in_dim(cache["key"], k_btnh.astype(cache["key"].dtype),
+                                                   position, axis=1)
+      v_bsnh = jax.lax.dynamic_update_slice_in_dim(cache["value"],
+                                                   v_btnh.astype(cache["value"].dtype),
+                                                   position, axis=1)
+      query_pos_t = position + jnp.arange(x_btd.shape[1])
+      visible_ts = jnp.arange(k_bsnh.shape[1])[None, :] <= query_pos_t[:, None]
+      out_btnh = jax.nn.dot_product_attention(q_btnh, k_bsnh.astype(dtype),
+                                              v_bsnh.astype(dtype),
+                                              mask=visible_ts[None, None, :, :])
+      cache = {"key": k_bsnh, "value": v_bsnh, "position": position}
     out_btnh = _constrain(out_btnh, ("act_batch", "act_length", "act_heads", None))
     out_nhd = self.param("out", _partitioned(init, ("heads", "kv", "embed")),
                          (cfg.num_heads, head_dim, cfg.width), jnp.float32)
-    return jnp.einsum("btnh,nhd->btd", out_btnh, out_nhd.astype(dtype))
+    out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, out_nhd.astype(dtype))
+    return out_btd if cache is None else (out_btd, cache)
 
 
 class Block(nn.Module):
-  """Pre-norm block; adaptive layer norm (shift, scale, gate) from the time embedding."""
+  """Pre-norm Transformer block.
+
+  With a condition `cond_bd` (the diffusion time embedding), adaptive layer norm gives the
+  shift, scale and gate of each branch. Without one (the autoregressive baseline) the layer
+  norms learn their own scale and bias and the branches are added ungated.
+  """
 
   cfg: ModelConfig
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x_btd, cond_bd, mask_bt, deterministic):
+  def __call__(self, x_btd, cond_bd, mask_bt, deterministic, cache=None):
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    # Zero-initialised modulation makes every block start as the identity (adaLN-Zero, DiT).
-    mod_bd = _dense(6 * cfg.width, ("cond", "embed"), "modulation", dtype, zero=True)(cond_bd)
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_bd, 6, axis=-1)
-    norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, name=name, dtype=jnp.float32)
+    if cond_bd is not None:
+      # Zero-initialised modulation makes every block start as the identity (adaLN-Zero, DiT).
+      mod_bd = _dense(6 * cfg.width, ("cond", "embed"), "modulation", dtype, zero=True)(cond_bd)
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod_bd, 6, axis=-1)
+      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, name=name,
+                                       dtype=jnp.float32)
+      pre_attention = lambda x: _modulate(norm("norm_attention")(x), shift1, scale1)
+      pre_mlp = lambda x: _modulate(norm("norm_mlp")(x), shift2, scale2)
+      gate_attention, gate_mlp = gate1[:, None, :], gate2[:, None, :]
+    else:
+      norm = lambda name: nn.LayerNorm(name=name, dtype=jnp.float32,
+                                       scale_init=_partitioned(nn.initializers.ones, ("embed",)),
+                                       bias_init=_partitioned(nn.initializers.zeros, ("embed",)))
+      pre_attention, pre_mlp = norm("norm_attention"), norm("norm_mlp")
+      gate_attention = gate_mlp = 1.0
 
-    h_btd = _modulate(norm("norm_attention")(x_btd), shift1, scale1).astype(dtype)
-    h_btd = Attention(cfg, name="attention")(h_btd, mask_bt)
+    h_btd = pre_attention(x_btd).astype(dtype)
+    h_btd = Attention(cfg, self.causal, name="attention")(h_btd, mask_bt, cache)
+    if cache is not None:
+      h_btd, cache = h_btd
     h_btd = nn.Dropout(cfg.dropout)(h_btd, deterministic=deterministic)
-    x_btd = x_btd + gate1[:, None, :] * h_btd
+    x_btd = x_btd + gate_attention * h_btd
 
-    h_btd = _modulate(norm("norm_mlp")(x_btd), shift2, scale2).astype(dtype)
+    h_btd = pre_mlp(x_btd).astype(dtype)
     h_btf = _dense(cfg.mlp_dim, ("embed", "mlp"), "mlp_in", dtype)(h_btd)
     h_btf = _constrain(nn.gelu(h_btf), ("act_batch", "act_length", "act_mlp"))
     h_btd = _dense(cfg.width, ("mlp", "embed"), "mlp_out", dtype)(h_btf)
     h_btd = nn.Dropout(cfg.dropout)(h_btd, deterministic=deterministic)
-    x_btd = x_btd + gate2[:, None, :] * h_btd
-    return _constrain(x_btd, ("act_batch", "act_length", "act_embed"))
+    x_btd = x_btd + gate_mlp * h_btd
+    x_btd = _constrain(x_btd, ("act_batch", "act_length", "act_embed"))
+    return x_btd if cache is None else (x_btd, cache)
 
 
 class ScoreTransformer(nn.Module):
@@ -170,6 +215,7 @@ class DiffusionLM(nn.Module):
   """Embedding table + score network. Methods are the pieces losses and samplers call."""
 
   cfg: ModelConfig
+  kind = "diffusion"  # Read by Experiment to choose the training, evaluation and sampling code.
 
   def setup(self):
     self.embedding = TokenEmbedding(self.cfg.vocab_size, self.cfg.embed_dim)
