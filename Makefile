@@ -29,8 +29,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The benchmark suite (scripts/bench.py): the full one writes docs/benchmarks.md and its plots
+# (about 30 min on a 2-core CPU); `make bench QUICK=1` runs tiny sizes into runs/bench_quick/
+# in under 5 min. Extra flags go in BENCH_FLAGS, e.g. BENCH_FLAGS=--sections=ceilings,training.
+BENCH_FLAGS ?=
 bench: $(STAMP)
-	@echo "make bench: the benchmark suite is not written yet; docs/benchmarks.md will hold its results."
+	$(BIN)/python scripts/bench.py $(if $(QUICK),--quick) $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
