@@ -21,8 +21,9 @@ COMMANDS = ("train", "sample", "eval", "plan")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. experiments/demo.py; override fields with "
     "--config.a.b=value.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, tokenizer, checkpoints, "
-                               "metrics and samples.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (a local folder or "
+                               "gs://BUCKET/PATH): config, tokenizer, checkpoints, metrics and "
+                               "samples.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 8, "sample: number of sequences to draw.")
 _SAMPLER = flags.DEFINE_string("sampler", None, "sample: sampler name; default: the run's "
                                "sample.sampler.")

@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from diffusion_text import paths
 from diffusion_text.errors import ConfigError
 
 
@@ -104,7 +105,7 @@ class Checkpointer:
 
 def _absolute(path: str) -> str:
   """Make a local path absolute; leave URLs such as gs://bucket/run, which orbax opens itself."""
-  return path if "://" in path else os.path.abspath(path)
+  return path if paths.is_url(path) else os.path.abspath(path)
 
 
 def encode_bytes(data: bytes) -> str:

@@ -15,6 +15,7 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ from diffusion_text import checkpoint as ckpt_lib
 from diffusion_text import config as config_lib
 from diffusion_text import decoding
 from diffusion_text import parallel
+from diffusion_text import paths
 from diffusion_text import registry
 from diffusion_text import samplers
 from diffusion_text import sde as sde_lib
@@ -42,42 +44,25 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def load_saved_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as exc:
-      raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}; "
-                        "move it away or use a new --workdir.") from exc
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def check_local_workdir(workdir: str) -> None:
-  """Raise ConfigError for a URL workdir, which os-level writes would turn into a local folder."""
-  if "://" in workdir:
-    raise ConfigError(
-        f"--workdir={workdir}: URL workdirs are not supported yet, because the config, metrics "
-        "and samples are written with local file functions. Mount the bucket (for example with "
-        "experiments/tpu/mount_bucket.sh, see docs/tpu.md) and pass the mounted path.")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as exc:
+    raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}; "
+                      "move it away or use a new --workdir.") from exc
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Check that `workdir` is new or contains a run that `config` can continue. Write nothing."""
-  check_local_workdir(workdir)
+  paths.check_workdir_url(workdir)
   saved = load_saved_config(workdir)
   if saved is not None:
-    config_lib.check_resume_compatible(config, saved, os.path.join(workdir, CONFIG_FILE))
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(tokenizer_path):
-    tokenizer = Tokenizer.load(tokenizer_path)
+    config_lib.check_resume_compatible(config, saved, str(epath.Path(workdir) / CONFIG_FILE))
+  tokenizer_path = epath.Path(workdir) / TOKENIZER_FILE
+  if tokenizer_path.exists():
+    tokenizer = Tokenizer.from_bytes(tokenizer_path.read_bytes())
     if tokenizer.vocab_size != config.tokenizer.vocab_size:
       raise ConfigError(
           f"{tokenizer_path} has {tokenizer.vocab_size} pieces but --config.tokenizer.vocab_size="
@@ -93,13 +78,14 @@ def record_workdir(config: ml_collections.ConfigDict, workdir: str, tokenizer: T
   """
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  config_path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    _write_atomic(config_path, config_lib.to_json(config).encode("utf-8"))
-  tokenizer_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(tokenizer_path):
-    _write_atomic(tokenizer_path, tokenizer.serialized())
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  config_path = directory / CONFIG_FILE
+  if not config_path.exists():
+    paths.write_atomic(config_path, config_lib.to_json(config).encode("utf-8"))
+  tokenizer_path = directory / TOKENIZER_FILE
+  if not tokenizer_path.exists():
+    paths.write_atomic(tokenizer_path, tokenizer.serialized())
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
@@ -108,8 +94,8 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
   In a multi-host run process 0 trains it and sends the model to the others, because hosts
   need not share a file system and sentencepiece's output depends on its thread count.
   """
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
+  path = epath.Path(workdir) / TOKENIZER_FILE
+  if path.exists():
     logging.info("tokenizer: reusing %s", path)
     return Tokenizer.from_bytes(path.read_bytes())
   logging.info("tokenizer: training %d pieces on the training split", config.tokenizer.vocab_size)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,14 @@ import numpy as np
 from diffusion_text import checkpoint as ckpt_lib
 from diffusion_text import likelihood
 from diffusion_text import parallel
+from diffusion_text import paths
 from diffusion_text import samplers
 from diffusion_text import train as train_lib
 from diffusion_text.data import pipeline
 from diffusion_text.data import sources
 from diffusion_text.data.tokenizer import Tokenizer
 from diffusion_text.errors import ConfigError
-from diffusion_text.experiment import Experiment, TOKENIZER_FILE, check_local_workdir
+from diffusion_text.experiment import Experiment, TOKENIZER_FILE
 from diffusion_text.experiment import load_saved_config
 
 
@@ -37,8 +39,8 @@ def load_run(workdir: str) -> tuple[Experiment, dict, int]:
   Returns (experiment, state, step). The config and tokenizer come from the checkpoint itself,
   so a checkpoint folder copied elsewhere with its workdir still samples.
   """
-  check_local_workdir(workdir)
-  if not os.path.isdir(workdir):
+  paths.check_workdir_url(workdir)
+  if not epath.Path(workdir).is_dir():
     raise ConfigError(f"--workdir={workdir} does not exist; pass the folder a training run wrote.")
   step, meta = ckpt_lib.require_checkpoint(workdir)
   config = ml_collections.ConfigDict(meta.get("config") or load_saved_config(workdir))
@@ -135,8 +137,10 @@ def _check_ar_options(*, sampler, steps, template, guidance, grid, clamp, roundi
            "--rounding": rounding != "argmax", "--rounding_float64": rounding_float64}
   wrong = [flag for flag, is_given in given.items() if is_given]
   if wrong:
-    raise ConfigError(f"{', '.join(wrong)}: diffusion sampling options, but this run is an "
-                      "autoregressive model; it takes --prefix, --temperature and --top_p.")
+    what = ("is a diffusion sampling option" if len(wrong) == 1
+            else "are diffusion sampling options")
+    raise ConfigError(f"{', '.join(wrong)} {what}, but this run is an autoregressive model. "
+                      "Use --prefix, --temperature and --top_p instead.")
 
 
 def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | None,

@@ -1,18 +1,27 @@
 """Progress lines, metrics.jsonl, TensorBoard events, sample files and PNG plots.
 
-Only process 0 writes; on other processes every method returns without doing anything.
+Only process 0 writes; on other processes every method returns without doing anything. The
+workdir may be a local folder or a `gs://` URL, and every file goes through `etils.epath`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 
+from etils import epath
 import jax
 import numpy as np
+
+from diffusion_text import paths
+
+METRICS_FILE = "metrics.jsonl"
+EVENTS_DIR = "events"
 
 
 def format_duration(seconds: float) -> str:
@@ -23,16 +32,34 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-  """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/events/` (TensorBoard)."""
+  """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/events/` (TensorBoard).
+
+  A Cloud Storage object cannot be appended to, and tensorboardX would open a `gs://` URL with
+  its own client instead of epath. So for a URL workdir the writer keeps metrics.jsonl in memory
+  and uploads all of it at every write, and TensorBoard writes into a local temporary folder
+  whose event files are uploaded to `<workdir>/events/` after every flush.
+  """
 
   def __init__(self, workdir: str):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.enabled = jax.process_index() == 0
     self._tb = None
+    self._remote = paths.is_url(workdir)
+    self._metrics_text = ""  # For a URL workdir: the whole of metrics.jsonl.
+    self._staging: tempfile.TemporaryDirectory | None = None
+    self._uploaded_sizes: dict[str, int] = {}
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      if self._remote:
+        metrics_path = self.workdir / METRICS_FILE
+        if metrics_path.exists():  # A resumed run continues the file.
+          self._metrics_text = metrics_path.read_text()
+        self._staging = tempfile.TemporaryDirectory(prefix="diffusion_text_events_")
+        events_dir = self._staging.name
+      else:
+        events_dir = os.fspath(self.workdir / EVENTS_DIR)
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "events"))
+      self._tb = SummaryWriter(events_dir)
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -40,48 +67,87 @@ class MetricWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     record = {"step": int(step), "time": time.time(),
               **{k: (v if math.isfinite(v) else None) for k, v in clean.items()}}
-    with open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    self._append_metrics(json.dumps(record) + "\n")
     for name, value in clean.items():
       if math.isfinite(value):
         self._tb.add_scalar(name, value, step)
+    self._flush_events()
+
+  def _append_metrics(self, line: str) -> None:
+    path = self.workdir / METRICS_FILE
+    if self._remote:
+      self._metrics_text += line
+      path.write_text(self._metrics_text)
+    else:
+      with path.open("a") as f:
+        f.write(line)
+
+  def _flush_events(self) -> None:
     self._tb.flush()
+    self._upload_events()
+
+  def _upload_events(self) -> None:
+    """For a URL workdir, upload each local event file that grew since its last upload.
+
+    tensorboardX writes events from a background thread and only appends to a file. So an
+    upload may miss the newest events, but it never contains wrong bytes, and the next upload
+    or `close` sends the rest. Each upload sends the whole file, which stays small for scalars
+    and text.
+    """
+    if self._staging is None:
+      return
+    events = self.workdir / EVENTS_DIR
+    for name in sorted(os.listdir(self._staging.name)):
+      local = os.path.join(self._staging.name, name)
+      if self._uploaded_sizes.get(name) == os.path.getsize(local):
+        continue
+      with open(local, "rb") as f:
+        data = f.read()
+      if not self._uploaded_sizes:
+        events.mkdir(parents=True, exist_ok=True)
+      (events / name).write_bytes(data)
+      self._uploaded_sizes[name] = len(data)
 
   def write_samples(self, step: int, texts: list[str], header: str = "") -> str | None:
     """Write samples to `<workdir>/samples/step_<step>.txt` and TensorBoard; return the path."""
     if not self.enabled:
       return None
-    directory = os.path.join(self.workdir, "samples")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"step_{step}.txt")
+    directory = self.workdir / "samples"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step_{step}.txt"
     separator = "\n" + "=" * 72 + "\n"
     body = separator.join(texts)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write((header + "\n" if header else "") + body + "\n")
+    path.write_text((header + "\n" if header else "") + body + "\n")
     self._tb.add_text("samples", "\n\n---\n\n".join(f"    {t}" for t in texts), step)
-    self._tb.flush()
-    return path
+    self._flush_events()
+    return str(path)
 
   def plot(self) -> list[str]:
     """Draw the curves in metrics.jsonl into `<workdir>/plots/*.png`; return the paths."""
     if not self.enabled:
       return []
-    return plot_metrics(self.workdir)
+    return plot_metrics(str(self.workdir))
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    if self._tb is None:
+      return
+    self._tb.close()  # Writes every queued event.
+    self._upload_events()
+    if self._staging is not None:
+      self._staging.cleanup()
+      self._staging = None
+    self._tb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot_metrics(workdir: str) -> list[str]:
+  """Draw loss, loss-by-time and throughput curves into `<workdir>/plots/*.png`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -92,9 +158,9 @@ def plot_metrics(workdir: str) -> list[str]:
       "loss_by_t": sorted({k for r in records for k in r if k.startswith("train/loss_by_t/")}),
       "throughput": ["perf/tokens_per_s"],
   }
-  directory = os.path.join(workdir, "plots")
-  os.makedirs(directory, exist_ok=True)
-  paths = []
+  directory = epath.Path(workdir) / "plots"
+  directory.mkdir(parents=True, exist_ok=True)
+  written = []
   for name, keys in groups.items():
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
@@ -109,11 +175,14 @@ def plot_metrics(workdir: str) -> list[str]:
       ax.set_title(name)
       ax.grid(alpha=0.3)
       ax.legend()
-      path = os.path.join(directory, f"{name}.png")
-      fig.savefig(path, dpi=100, bbox_inches="tight")
-      paths.append(path)
+      # Rendered in memory, so the same write works for a local folder and a bucket.
+      png = io.BytesIO()
+      fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+      path = directory / f"{name}.png"
+      path.write_bytes(png.getvalue())
+      written.append(str(path))
     plt.close(fig)
-  return paths
+  return written
 
 
 class Progress:

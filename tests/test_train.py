@@ -218,12 +218,3 @@ def test_failed_setup_writes_nothing(text_dir, tmp_path):
   final = train.train_and_evaluate(tiny_config(text_dir, tmp_path, **{"train.steps": 6}),
                                    str(workdir))
   assert final["step"] == 6
-
-
-def test_url_workdir_is_rejected(text_dir, tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  with pytest.raises(ConfigError, match=r"--workdir=gs://bucket/run: URL workdirs are not"):
-    train.train_and_evaluate(tiny_config(text_dir, tmp_path), "gs://bucket/run")
-  with pytest.raises(ConfigError, match="mount"):
-    inference.sample("gs://bucket/run", num_samples=8, sampler=None, steps=None, seed=0)
-  assert not (tmp_path / "gs:").exists()

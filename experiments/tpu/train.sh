@@ -2,11 +2,11 @@
 # Start (or resume) the same training command on every worker of a TPU VM slice.
 #
 #   experiments/tpu/train.sh NAME ZONE WORKDIR [CONFIG] [--config.a.b=value ...]
-#   experiments/tpu/train.sh dt-v4 us-central2-b /gcs/my-bucket/runs/large experiments/large.py \
+#   experiments/tpu/train.sh dt-v4 us-central2-b gs://my-bucket/runs/large experiments/large.py \
 #       --config.mesh.fsdp=8
 #
-# WORKDIR must be one directory that every worker can read and write, e.g. a bucket mounted with Cloud Storage
-# FUSE (see docs/tpu.md). Rerunning this script after a preemption resumes from the newest
+# WORKDIR must be one directory that every worker can read and write: a gs://BUCKET/PATH URL, or a
+# bucket mounted with Cloud Storage FUSE (see docs/tpu.md). Rerunning this script after a preemption resumes from the newest
 # checkpoint in WORKDIR. Output goes to ~/diffusion_text/train.log on each worker.
 set -euo pipefail
 
