@@ -1,13 +1,13 @@
 """One process of a multi-process training test, and the helpers the tests share with it.
 
 `tests/test_parallel.py` starts this script twice with a loopback coordinator. Each process
-sees two fake CPU devices, so the two form one four-device JAX cluster. Both train a few steps
-on fixed batches, save and restore a checkpoint together, and process 0 writes the losses,
-gradient norms and final parameters to `--output` for the test to compare with a
-single-process run.
+sees two fake CPU devices, so the two form one four-device JAX cluster. Both prepare the
+bundled corpus in the shared `--tfds_dir`, train a few steps on fixed batches, save and restore
+a checkpoint together, and process 0 writes the record counts, losses, gradient norms and final
+parameters to `--output` for the test to compare with a single-process run.
 
     python tests/multihost_worker.py --process_id=0 --num_processes=2 --port=PORT \
-        --workdir=DIR --output=FILE.npz
+        --workdir=DIR --tfds_dir=DIR --output=FILE.npz
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main() -> int:
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--tfds_dir", required=True)
   parser.add_argument("--output", required=True)
   args = parser.parse_args()
 
@@ -109,11 +110,16 @@ def main() -> int:
   from diffusion_text import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from diffusion_text import metrics  # pylint: disable=import-outside-toplevel
   from diffusion_text import parallel  # pylint: disable=import-outside-toplevel
+  from diffusion_text.data import sources  # pylint: disable=import-outside-toplevel
   from diffusion_text.experiment import Experiment  # pylint: disable=import-outside-toplevel
 
   parallel.maybe_initialize_distributed()
   assert jax.process_count() == args.num_processes, jax.process_count()
   assert jax.process_index() == args.process_id, jax.process_index()
+
+  # Both processes prepare the same dataset in one folder, and process 0 goes first.
+  records = {split: len(sources.get_source({"tfds_dir": args.tfds_dir}, split))
+             for split in ("train", "validation")}
 
   experiment = Experiment(tiny_config(**MULTIHOST_MESH), FakeTokenizer())
   losses, grad_norms, state, train_step = train_steps(experiment)
@@ -137,6 +143,8 @@ def main() -> int:
 
   if args.process_id == 0:
     np.savez(args.output, losses=np.array(losses), grad_norms=np.array(grad_norms),
+             train_records=np.array(records["train"]),
+             validation_records=np.array(records["validation"]),
              cache_size=np.array(train_step._cache_size()),  # pylint: disable=protected-access
              **{f"params/{k}": v for k, v in flatten(params).items()})
   jax.distributed.shutdown()

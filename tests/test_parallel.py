@@ -15,6 +15,7 @@ from diffusion_text import checkpoint as ckpt_lib
 from diffusion_text import parallel
 from diffusion_text import train
 from diffusion_text import plan as plan_lib
+from diffusion_text.data import sources
 from diffusion_text.errors import ConfigError
 from diffusion_text.experiment import Experiment
 
@@ -181,7 +182,8 @@ def test_two_processes_match_single_process(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"),
        f"--process_id={i}", "--num_processes=2", f"--port={port}",
-       f"--workdir={tmp_path / 'run'}", f"--output={output}"],
+       f"--workdir={tmp_path / 'run'}", f"--tfds_dir={tmp_path / 'tfds'}",
+       f"--output={output}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
   logs = []
@@ -196,6 +198,9 @@ def test_two_processes_match_single_process(tmp_path):
     assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{logs[i][-3000:]}"
 
   result = np.load(output)
+  for split in ("train", "validation"):
+    expected = len(sources.get_source({"tfds_dir": str(tmp_path / "tfds_single")}, split))
+    assert int(result[f"{split}_records"]) == expected, split
   reference = make_experiment(1, 1, 1)
   losses, norms, state, _ = worker.train_steps(reference)
   np.testing.assert_allclose(result["losses"], losses, rtol=2e-6)

@@ -20,6 +20,8 @@ import os
 from typing import Any
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 from diffusion_text import errors
@@ -79,13 +81,35 @@ def tfds_dir(data_config: Any) -> str:
   return os.path.expanduser(_setting(data_config, "tfds_dir", DEFAULT_TFDS_DIR))
 
 
-def get_source(data_config: Any, split: str) -> TextSource:
+def get_source(data_config: Any, split: str, collective: bool = True) -> TextSource:
   """Prepare (once) and open the `split` ("train" or "validation") of the configured source.
+
+  With `collective`, every process of a multi-process run makes this call together: process 0
+  prepares the data first while the others wait at a barrier, then the others open process 0's
+  copy (in a shared `tfds_dir`) or prepare their own. Two processes preparing one dataset in a
+  shared folder at once can fail on TFDS's final rename. Pass `collective=False` when only some
+  processes make the call.
 
   Raises:
     DataError: bad text files, an unknown TFDS name or a split the dataset lacks.
     ConfigError: an invalid document mode, validation fraction or decode_errors policy.
   """
+  if not collective or jax.process_count() == 1:
+    return _prepare_and_open(data_config, split)
+  # The other processes create their builders only after the barrier, because a TFDS builder
+  # reads the dataset's metadata (its splits) when it is created.
+  barrier = f"diffusion_text: prepare the {split} split"
+  if jax.process_index() == 0:
+    try:
+      return _prepare_and_open(data_config, split)
+    finally:
+      # Reached also when preparing fails, so the others go on and report their own error.
+      multihost_utils.sync_global_devices(barrier)
+  multihost_utils.sync_global_devices(barrier)
+  return _prepare_and_open(data_config, split)
+
+
+def _prepare_and_open(data_config: Any, split: str) -> TextSource:
   data_dir = tfds_dir(data_config)
   decode_errors = _setting(data_config, "decode_errors", "strict")
   if decode_errors not in text_files.DECODE_ERRORS:
@@ -116,8 +140,12 @@ def get_source(data_config: Any, split: str) -> TextSource:
 
 
 def get_texts(data_config: Any, split: str, max_chars: int | None = None) -> Iterator[str]:
-  """Yield the texts of `split` in record order, stopping once max_chars characters are out."""
-  source = get_source(data_config, split)
+  """Yield the texts of `split` in record order, stopping once max_chars characters are out.
+
+  Waits for no other process, so one process of a multi-process run can call it alone (process
+  0 trains the tokenizer this way, after the collective `get_source` calls prepared the data).
+  """
+  source = get_source(data_config, split, collective=False)
   total = 0
   for index in range(len(source)):
     if max_chars is not None and total >= max_chars:
