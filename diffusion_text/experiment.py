@@ -40,6 +40,8 @@ from diffusion_text.models.autoregressive import shift_right
 from diffusion_text.models.transformer import ModelConfig
 
 CONFIG_FILE = "config.json"
+# Name of each `Experiment.kind` in messages, with its article.
+KIND_NAMES = {"diffusion": "a diffusion model", "ar": "an autoregressive model"}
 TOKENIZER_FILE = "tokenizer.model"
 
 
@@ -157,10 +159,16 @@ class Experiment:
     self.kind = getattr(self.model, "kind", "diffusion")
     loss_kind = getattr(self.loss_fn, "model_kind", "diffusion")
     if loss_kind != self.kind:
+      fix = ("set --config.loss.name=next_token" if self.kind == "ar" else
+             "set --config.loss.name=ce or x0_mse, or train the AR baseline with "
+             "--config=experiments/ar.py")
       raise ConfigError(
-          f"--config.loss.name={config.loss.name} trains {loss_kind} models, but "
-          f"--config.model.name={config.model.name} is a {self.kind} model; use "
-          f"{'loss.name=next_token' if self.kind == 'ar' else 'loss.name=ce or x0_mse'}.")
+          f"--config.loss.name={config.loss.name} is a loss for {KIND_NAMES[loss_kind]}, but "
+          f"--config.model.name={config.model.name} is {KIND_NAMES[self.kind]}; {fix}.")
+    if self.kind == "ar" and self.model_config.conditional:
+      raise ConfigError("--config.model.conditional=True applies to diffusion models; an "
+                        "autoregressive model conditions on a prompt (--prefix) without it. "
+                        "Set it to False.")
     self.optimizer = make_optimizer(config)
     self._check_batch(config.train.batch_size, "--config.train.batch_size")
 
@@ -199,8 +207,9 @@ class Experiment:
     """Forward-pass FLOPs per token of the network (matrix products only).
 
     Attention counts the whole length for causal models too, as the compiled step computes it.
-    The AR model's input is a table look-up; the diffusion model's is two dense layers (noisy
-    latent and self-conditioning) plus the interpolation of embeddings from the logits.
+    The AR model's input is a table look-up, which costs no matrix product. The diffusion
+    model's input is two dense layers (noisy latent and self-conditioning), and it also
+    interpolates embeddings from the logits.
     """
     c = self.model_config
     per_layer = 2 * 4 * c.width**2 + 2 * 2 * c.width * c.mlp_dim + 2 * 2 * c.seq_len * c.width
@@ -315,7 +324,7 @@ class Experiment:
     """
     if self.kind != "ar":
       raise ConfigError(f"scoring token sequences needs an AR model; --config.model.name="
-                        f"{self.config.model.name} is a {self.kind} model.")
+                        f"{self.config.model.name} is {KIND_NAMES[self.kind]}.")
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return jax.jit(self._token_nll,
                      in_shardings=(self.state_shardings["params"], self.batch_sharding,

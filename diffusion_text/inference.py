@@ -29,7 +29,7 @@ from diffusion_text.data import pipeline
 from diffusion_text.data import sources
 from diffusion_text.data.tokenizer import Tokenizer
 from diffusion_text.errors import ConfigError
-from diffusion_text.experiment import Experiment, TOKENIZER_FILE
+from diffusion_text.experiment import Experiment, KIND_NAMES, TOKENIZER_FILE
 from diffusion_text.experiment import load_saved_config
 
 
@@ -58,12 +58,13 @@ def load_run(workdir: str) -> tuple[Experiment, dict, int]:
 PLACEHOLDER = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def parse_template(tokenizer: Tokenizer, template: str, seq_len: int) -> tuple[np.ndarray,
-                                                                                np.ndarray]:
+def parse_template(tokenizer: Tokenizer, template: str, seq_len: int,
+                   flag: str = "--template") -> tuple[np.ndarray, np.ndarray]:
   """Token ids [seq_len] and fixed-position mask [seq_len] of a template with `[MASK]` gaps.
 
   Each literal piece of text is tokenized on its own, `[MASK]` leaves one position free and
-  `[MASK:N]` leaves N. Positions after the template are free.
+  `[MASK:N]` leaves N. Positions after the template are free. `flag` names the text's source
+  in the error for a template longer than the model.
   """
   tokens = np.zeros(seq_len, np.int32)
   fixed = np.zeros(seq_len, bool)
@@ -72,8 +73,9 @@ def parse_template(tokenizer: Tokenizer, template: str, seq_len: int) -> tuple[n
   def place(ids, is_fixed):
     nonlocal position
     if position + len(ids) > seq_len:
-      raise ConfigError(f"the template needs more than the model's {seq_len} positions; "
-                        f"shorten it: {template!r}")
+      start = template if len(template) <= 60 else template[:60] + "..."
+      raise ConfigError(f"{flag} needs at least {position + len(ids)} positions, but the model "
+                        f"has {seq_len}; shorten it. It starts {start!r}.")
     tokens[position:position + len(ids)] = ids
     fixed[position:position + len(ids)] = is_fixed
     position += len(ids)
@@ -174,9 +176,11 @@ def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | 
                       rounding_float64=rounding_float64)
     temperature = config.sample.get("temperature", 1.0) if temperature is None else temperature
     top_p = config.sample.get("top_p", 1.0) if top_p is None else top_p
-    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
-      raise ConfigError(f"--temperature={temperature} must be at least 0 and --top_p={top_p} "
-                        "must lie in (0, 1].")
+    if temperature < 0.0:
+      raise ConfigError(f"--temperature={temperature} must be at least 0 (0 picks the most "
+                        "likely token).")
+    if not 0.0 < top_p <= 1.0:
+      raise ConfigError(f"--top_p={top_p} must lie in (0, 1].")
     sample_fn = experiment.make_ar_sampler(num_samples=num_samples, temperature=temperature,
                                            top_p=top_p, conditioned=conditioned)
     logging.info("sampling %d sequences by AR decoding, temperature %g, top_p %g", num_samples,
@@ -194,7 +198,8 @@ def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | 
     return experiment.decode(tokens)
 
   text = template if template is not None else prefix
-  tokens_t, fixed_t = parse_template(experiment.tokenizer, text, config.data.seq_len)
+  tokens_t, fixed_t = parse_template(experiment.tokenizer, text, config.data.seq_len,
+                                     "--template" if template is not None else "--prefix")
   local_rows = num_samples // jax.process_count()
   batch = lambda row: parallel.global_batch({"x": np.tile(row, (local_rows, 1))},
                                             experiment.mesh)["x"]
@@ -254,6 +259,9 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
   if time_samples < 1:
     raise ConfigError(f"--time_samples={time_samples} must be at least 1.")
   experiment, state, step = load_run(workdir)
+  if experiment.kind == "ar" and time_samples != 1:
+    raise ConfigError(f"--time_samples={time_samples}: an AR model's likelihood is exact, "
+                      "with no time to sample; leave the flag out.")
   config = experiment.config
   source = sources.get_source(config.data, split)
   batches = list(pipeline.make_eval_batches(
@@ -263,12 +271,8 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
   params = state["ema"] if use_ema else state["params"]
   scalars = train_lib.evaluate(experiment.make_eval_step(), params, batches, experiment,
                                config.seed)
-  summary = {"step": step, "split": split, "weights": "ema" if use_ema else "params",
-             "time_samples": time_samples}
+  summary = {"step": step, "split": split, "weights": "ema" if use_ema else "params"}
   if experiment.kind == "ar":
-    if time_samples != 1:
-      raise ConfigError(f"--time_samples={time_samples}: an AR model's likelihood is exact, "
-                        "with no time to sample; leave the flag out.")
     nll = exact_nll(experiment, params, batches)
     logging.info("negative log-likelihood on %s: %.4f +- %.4f bits/token over %d sequences",
                  split, nll["total_bits_per_token"], nll["total_stderr"], nll["sequences"])
@@ -292,7 +296,7 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
   logging.info("bound on %s: %.4f +- %.4f bits/token over %d sequences, %d draws of t each",
                split, bound["total_bits_per_token"], bound["total_stderr"], bound["sequences"],
                time_samples)
-  return {**summary, **bound, "loss": scalars["eval/loss"],
+  return {**summary, "time_samples": time_samples, **bound, "loss": scalars["eval/loss"],
           "loss_tokens": int(scalars["eval/tokens"])}
 
 
@@ -324,8 +328,8 @@ class TextJudge:
                         "the distributed runtime.")
     self.experiment, state, self.step = load_run(workdir)
     if self.experiment.kind != "ar":
-      raise ConfigError(f"--judge={workdir} is a {self.experiment.kind} run; a judge must be an "
-                        "autoregressive run (for example experiments/ar.py).")
+      raise ConfigError(f"{workdir} holds {KIND_NAMES[self.experiment.kind]}; a judge must be "
+                        "an autoregressive run (for example one trained with experiments/ar.py).")
     self.params = state["ema"] if use_ema else state["params"]
     self._token_nll = self.experiment.make_token_nll()
 

@@ -53,7 +53,11 @@ def training_section(results, head: str) -> list[str]:
            "counts self-conditioning's extra forward pass at its probability (0.5). XLA's cost "
            "analysis counts every operation and a `lax.cond` at its costlier branch, so the "
            "analytic/XLA column compares against the analytic count with self-conditioning "
-           "always on.", ""]
+           "always on.", "",
+           "Sizes (both kinds; `large` here is a CPU-sized model, not experiments/large.py): "
+           + "; ".join(f"`{name}` = " + ", ".join(f"{key.split('.')[-1]} {value}"
+                                                  for key, value in dims.items())
+                       for name, dims in suite["model_sizes"].items()) + ".", ""]
   for platform_name, rows in results["training"].items():
     lines += [f"Platform `{platform_name}`.", "",
               "| size | model | parameters | train GFLOP/token | tokens/s | MFU | s/step | "
@@ -227,9 +231,9 @@ def quality_section(results, head: str) -> list[str]:
     lines.append(f"| {label} | {e['total_bits_per_token']:.3f} +- {e['total_stderr']:.3f} | "
                  f"{perplexity(e['total_bits_per_token'])} | {int(e['sequences']):,} | "
                  f"{int(e['tokens']):,} |")
-  lines += ["", "+- is one standard error over sequences. The diffusion figure is an upper bound "
-            "on its NLL, estimated with one draw of t per sequence, so its true NLL is at most "
-            "this figure.",
+  lines += ["", "+- is one standard error over sequences. The diffusion figure estimates the "
+            "variational bound with one draw of t per sequence: the bound itself is at least the "
+            "model's NLL, and the estimate carries the standard error shown.",
             "", "Samples scored by the AR model (generative perplexity; lower means the AR model "
             "finds the text more likely) and the unigram entropy of their tokens (it collapses "
             "when a sampler repeats a few tokens):", "",
@@ -331,6 +335,10 @@ def write_markdown(results, path: str) -> None:
            "Ratios within one run are the figures to compare: every number here comes from the "
            "same process on the same machine, and absolute times are context only. The machine "
            "may have been shared with other work.", ""]
+  if results["suite"]["name"] == "quick":
+    lines += ["This is the quick suite: tiny models and a short training run check that every "
+              "section runs. Its figures say nothing about the speed or quality of real models; "
+              "`make bench` runs the full suite.", ""]
   builders = {"ceilings": ceilings_section, "training": training_section,
               "sampling": sampling_section, "quality": quality_section,
               "memory": memory_section}

@@ -34,6 +34,8 @@ from diffusion_text import registry  # noqa: E402
 from diffusion_text import samplers  # noqa: E402
 from diffusion_text.data import pipeline  # noqa: E402
 from diffusion_text.data import sources  # noqa: E402
+from diffusion_text.errors import ConfigError  # noqa: E402
+from diffusion_text.experiment import KIND_NAMES  # noqa: E402
 
 SAMPLERS = ("euler_maruyama", "ode_euler", "ode_heun", "ddpm", "dpm_solver_pp_1",
             "dpm_solver_pp_2", "dpm_solver_pp_3")
@@ -64,7 +66,19 @@ def validation_windows(experiment) -> np.ndarray:
 def run_frontier(workdir: str, judge_workdir: str, sampler_names, budgets, num_samples: int,
                  seed: int):
   experiment, state, step = inference.load_run(workdir)
-  judge = inference.TextJudge(judge_workdir)
+  if experiment.kind != "diffusion":
+    raise ConfigError(f"--workdir={workdir} holds {KIND_NAMES[experiment.kind]}; the frontier "
+                      "compares diffusion samplers, so pass a diffusion run.")
+  try:
+    judge = inference.TextJudge(judge_workdir)
+  except ConfigError as exc:
+    message = str(exc).replace(f"--workdir={judge_workdir}", judge_workdir)
+    raise ConfigError(f"--judge: {message}") from exc
+  data, judge_data = experiment.config.data, judge.experiment.config.data
+  if (data.name, data.files) != (judge_data.name, judge_data.files):
+    logging.warning("the judge was trained on other data (%s) than the run (%s), so its scores "
+                    "measure closeness to that data", judge_data.files or judge_data.name,
+                    data.files or data.name)
   windows = validation_windows(experiment)
   real = judge.score(experiment.decode(windows))
   reference = {"judge_bits": real["total_bits_per_token"], "judge_stderr": real["total_stderr"],
@@ -195,9 +209,13 @@ def main() -> None:
   args = parser.parse_args()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-  rows, reference, step = run_frontier(args.workdir, args.judge, args.samplers.split(","),
-                                       [int(b) for b in args.nfe.split(",")], args.num_samples,
-                                       args.seed)
+  try:
+    rows, reference, step = run_frontier(args.workdir, args.judge, args.samplers.split(","),
+                                         [int(b) for b in args.nfe.split(",")], args.num_samples,
+                                         args.seed)
+  except ConfigError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
   write_plot(rows, reference, args.plot)
   write_markdown(rows, reference, step, args, args.output, args.plot)
   print(f"wrote {args.output} and {args.plot}")

@@ -168,6 +168,8 @@ def test_loss_must_suit_the_model():
   diffusion = ar_config(**{"model.name": "transformer", "loss.name": "next_token"})
   with pytest.raises(ConfigError, match="loss.name=ce"):
     Experiment(diffusion, _Vocabulary())
+  with pytest.raises(ConfigError, match="model.conditional=True applies to diffusion"):
+    Experiment(ar_config(**{"model.conditional": True}), _Vocabulary())
 
 
 def test_ar_run_trains_samples_and_evaluates(text_dir, tmp_path):  # noqa: F811
@@ -191,6 +193,7 @@ def test_ar_run_trains_samples_and_evaluates(text_dir, tmp_path):  # noqa: F811
   assert result["total_bits_per_token"] == pytest.approx(result["loss"] / np.log(2), rel=1e-5)
   assert result["nll_bits_per_token"] == result["total_bits_per_token"]
   assert result["total_stderr"] > 0
+  assert "time_samples" not in result
 
   # As a judge, the run needs fewer bits in all for Shakespeare than for its letters shuffled
   # (shuffled text splits into more, individually cheaper tokens).
@@ -205,5 +208,10 @@ def test_ar_run_trains_samples_and_evaluates(text_dir, tmp_path):  # noqa: F811
 
   with pytest.raises(ConfigError, match="--sampler, --steps"):
     inference.sample(workdir, num_samples=8, sampler="ddpm", steps=4, seed=0)
+  with pytest.raises(ConfigError, match="--prefix needs at least"):
+    inference.sample(workdir, num_samples=8, sampler=None, steps=None, seed=0,
+                     prefix="The king " * 40)
+  with pytest.raises(ConfigError, match="--top_p=0.0 must lie in"):
+    inference.sample(workdir, num_samples=8, sampler=None, steps=None, seed=0, top_p=0.0)
   with pytest.raises(ConfigError, match="time_samples"):
     inference.evaluate(workdir, split="validation", max_batches=1, time_samples=2)
