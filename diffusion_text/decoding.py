@@ -25,15 +25,16 @@ def top_p_mask(logits_bv: jax.Array, top_p: float) -> jax.Array:
   sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
   probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
   mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
-  kept = mass_before_bv < top_p
-  # The smallest logit still inside the nucleus; everything below it is dropped.
-  threshold_b = jnp.min(jnp.where(kept, sorted_bv, jnp.inf), axis=-1)
+  in_nucleus_bv = mass_before_bv < top_p
+  # The smallest logit still inside the nucleus. Every logit below it is dropped.
+  threshold_b = jnp.min(jnp.where(in_nucleus_bv, sorted_bv, jnp.inf), axis=-1)
   return jnp.where(logits_bv < threshold_b[:, None], -jnp.inf, logits_bv)
 
 
 def draw_token(rng: jax.Array, logits_bv: jax.Array, temperature: float,
                top_p: float) -> jax.Array:
-  """Next tokens [batch]: argmax at temperature 0, else a draw from the truncated softmax."""
+  """Draw the next tokens [batch]: the argmax at temperature 0, else a sample from the
+  temperature-scaled, nucleus-truncated softmax."""
   if temperature == 0.0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   scaled_bv = logits_bv / temperature
@@ -43,6 +44,7 @@ def draw_token(rng: jax.Array, logits_bv: jax.Array, temperature: float,
 
 
 def check_options(temperature: float, top_p: float) -> None:
+  """Raise ValueError for a negative temperature or a top_p outside (0, 1]."""
   if temperature < 0.0:
     raise ValueError(f"temperature must be at least 0 (0 means greedy), got {temperature}")
   if not 0.0 < top_p <= 1.0:

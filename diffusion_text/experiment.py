@@ -309,7 +309,7 @@ class Experiment:
                      out_shardings=(self.replicated, self.replicated))
 
   def _token_nll(self, params, tokens_bt, mask_bt):
-    """Exact negative log-likelihood of each sequence under the AR model, in nats [batch]."""
+    """Compute each sequence's exact negative log-likelihood under the AR model, in nats [batch]."""
     model = self.model
     logits_btv = model.apply({"params": params}, shift_right(tokens_bt, BOS_ID),
                              mask_bt)

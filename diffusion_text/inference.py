@@ -133,16 +133,16 @@ def make_sampler(experiment: Experiment, *, sampler: str, steps: int, num_sample
 def _check_ar_options(*, sampler, steps, template, guidance, grid, clamp, rounding,
                       rounding_float64) -> None:
   """Raise ConfigError for a diffusion-only sampling option given to an AR run."""
-  given = {"--sampler": sampler is not None, "--steps": steps is not None,
-           "--template": template is not None, "--guidance": guidance is not None,
-           "--grid": grid is not None, "--clamp": clamp is not None,
-           "--rounding": rounding != "argmax", "--rounding_float64": rounding_float64}
-  wrong = [flag for flag, is_given in given.items() if is_given]
+  flag_is_set = {"--sampler": sampler is not None, "--steps": steps is not None,
+                 "--template": template is not None, "--guidance": guidance is not None,
+                 "--grid": grid is not None, "--clamp": clamp is not None,
+                 "--rounding": rounding != "argmax", "--rounding_float64": rounding_float64}
+  wrong = [flag for flag, is_set in flag_is_set.items() if is_set]
   if wrong:
-    what = ("is a diffusion sampling option" if len(wrong) == 1
-            else "are diffusion sampling options")
-    raise ConfigError(f"{', '.join(wrong)} {what}, but this run is an autoregressive model. "
-                      "Use --prefix, --temperature and --top_p instead.")
+    predicate = ("is a diffusion sampling option" if len(wrong) == 1
+                 else "are diffusion sampling options")
+    raise ConfigError(f"{', '.join(wrong)} {predicate}, but this run is an autoregressive "
+                      "model. Use --prefix, --temperature and --top_p instead.")
 
 
 def sample(workdir: str, *, num_samples: int, sampler: str | None, steps: int | None,
@@ -301,7 +301,8 @@ def evaluate(workdir: str, *, split: str, max_batches: int, use_ema: bool = True
 
 
 def exact_nll(experiment: Experiment, params, batches: list[dict[str, np.ndarray]]) -> dict:
-  """An AR model's negative log-likelihood of `batches` in bits per token, with its error."""
+  """Compute an AR model's negative log-likelihood of `batches` in bits per token, with its
+  standard error."""
   token_nll = experiment.make_token_nll()
   nats, tokens = [], []
   for batch in batches:
@@ -328,8 +329,9 @@ class TextJudge:
                         "the distributed runtime.")
     self.experiment, state, self.step = load_run(workdir)
     if self.experiment.kind != "ar":
-      raise ConfigError(f"{workdir} holds {KIND_NAMES[self.experiment.kind]}; a judge must be "
-                        "an autoregressive run (for example one trained with experiments/ar.py).")
+      raise ConfigError(f"{workdir} is a run of {KIND_NAMES[self.experiment.kind]}, but a judge "
+                        "must be an autoregressive run (for example one trained with "
+                        "experiments/ar.py).")
     self.params = state["ema"] if use_ema else state["params"]
     self._token_nll = self.experiment.make_token_nll()
 

@@ -236,8 +236,8 @@ class Progress:
 def measure_matmul_flops(size: int = 512, repeats: int = 20) -> float:
   """Measure this device's float32 matrix-multiply rate in FLOP/s (the MFU denominator).
 
-  The best of `repeats` calls: on a busy CPU the first few calls run well below the rate
-  (5 calls measured 158 GFLOP/s where 10 measured 217 on the 2-core development machine).
+  It takes the best of `repeats` calls, because on a busy CPU single calls often run well below
+  the steady rate.
   """
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   x = jnp.ones((size, size), jnp.float32)

@@ -154,11 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     scalars = metrics_lib.sample_health(parallel.gather_to_host(tokens), tokenizer)
     writer.write_scalars(step, scalars)
     if experiment.kind == "ar":
-      how = (f"AR decoding, temperature {config.sample.temperature}, top_p "
-             f"{config.sample.top_p}")
+      method = (f"AR decoding, temperature {config.sample.temperature}, top_p "
+                f"{config.sample.top_p}")
     else:
-      how = f"sampler {config.sample.sampler}, {config.sample.steps} steps"
-    path = writer.write_samples(step, texts, header=f"# step {step}, {how}, EMA weights")
+      method = f"sampler {config.sample.sampler}, {config.sample.steps} steps"
+    path = writer.write_samples(step, texts, header=f"# step {step}, {method}, EMA weights")
     if path:
       logging.info("samples at step %d written to %s; first one:\n%s", step, path, texts[0][:400])
     for warning in metrics_lib.health_warnings(scalars):

@@ -23,7 +23,7 @@ Sections, all measured in one run so that their ratios compare like with like:
    peak resident memory of a subprocess that runs only that step.
 
 Sections 1-3 run once per platform: always on the CPU, and again on an accelerator when JAX
-sees one. Sections 4-5 run on JAX's default device. Trained runs go to `<workdir>/diffusion`
+finds one. Sections 4-5 run on JAX's default device. Trained runs go to `<workdir>/diffusion`
 and `<workdir>/ar`. A rerun reuses a finished run whose config matches, so delete those
 folders to retrain. Raw figures go to `<workdir>/results.json`.
 """

@@ -98,11 +98,13 @@ def profile_lines(rows) -> list[str]:
                 f"{target} the target of 50% of the measured matmul ceiling.", ""]
 
   lines += [
-      f"Where one step's time goes at size `{profiled[0]['size']}`: the loss and the loss with "
-      "its gradient are compiled on their own and timed as the mean of several calls with "
-      "different random keys, so self-conditioning runs on about the share of calls it runs "
-      "on in training. The second column of each model is the time its analytic FLOPs would "
-      "take at the float32 matmul ceiling.", "",
+      f"Where one step's time goes at size `{profiled[0]['size']}`. The loss and the loss with "
+      "its gradient are compiled on their own. Each is timed as the mean of several calls with "
+      "different random keys, so self-conditioning runs on about its training share of calls. "
+      "The second column of each model is the time its analytic FLOPs would take at the "
+      "float32 matmul ceiling. The optimiser row is the difference between two separately "
+      "compiled programs, so it carries their timing noise and any difference in how XLA fuses "
+      "the whole step: treat it as an estimate.", "",
       "| part | " + " | ".join(f"{r['kind']} s | {r['kind']} at ceiling s" for r in profiled)
       + " |",
       "| --- |" + " --- | --- |" * len(profiled)]

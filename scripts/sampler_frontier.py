@@ -67,8 +67,8 @@ def run_frontier(workdir: str, judge_workdir: str, sampler_names, budgets, num_s
                  seed: int):
   experiment, state, step = inference.load_run(workdir)
   if experiment.kind != "diffusion":
-    raise ConfigError(f"--workdir={workdir} holds {KIND_NAMES[experiment.kind]}; the frontier "
-                      "compares diffusion samplers, so pass a diffusion run.")
+    raise ConfigError(f"--workdir={workdir} is a run of {KIND_NAMES[experiment.kind]}, but the "
+                      "frontier compares diffusion samplers; pass a diffusion run.")
   try:
     judge = inference.TextJudge(judge_workdir)
   except ConfigError as exc:
@@ -151,16 +151,16 @@ def write_markdown(rows, reference, step, args, path: str, plot_path: str) -> No
       "",
       "Each cell is `judge NLL +- standard error / unigram entropy`, both in bits. The judge is "
       f"the autoregressive run `{args.judge}` (step {reference['judge_step']}, EMA weights), "
-      "which reads the decoded samples with its own tokenizer; lower NLL means the samples look "
-      "more like training text to it (generative perplexity is 2 to that power). The entropy of the sampled "
-      "tokens shows whether a low NLL comes from repeating a few common tokens. DPM-Solver++ "
+      "which reads the decoded samples with its own tokenizer. Lower NLL means the samples look "
+      "more like training text to it (generative perplexity is 2 to that power). The entropy of "
+      "the sampled tokens shows whether a low NLL comes from repeating a few common tokens. DPM-Solver++ "
       "runs on a grid even in log-SNR, the others on a grid even in t. Column headers are NFE "
       "budgets; a run uses max(1, (budget - 1) // k) steps of k network calls (k = 2 for "
       "Heun), plus one rounding call.",
       "",
       f"Validation text ({reference['windows']} windows): judge NLL "
-      f"{reference['judge_bits']:.3f} +- {reference['judge_stderr']:.3f} bits/token, unigram entropy "
-      f"{reference['entropy_bits']:.3f} bits.",
+      f"{reference['judge_bits']:.3f} +- {reference['judge_stderr']:.3f} bits/token, unigram "
+      f"entropy {reference['entropy_bits']:.3f} bits.",
       "",
       "| sampler | " + " | ".join(str(b) for b in budgets) + " |",
       "| --- |" + " --- |" * len(budgets),

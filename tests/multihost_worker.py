@@ -1,7 +1,7 @@
 """One process of a multi-process training test, and the helpers the tests share with it.
 
 `tests/test_parallel.py` starts this script twice with a loopback coordinator. Each process
-sees two fake CPU devices, so the two form one four-device JAX cluster. Both prepare the
+has two fake CPU devices, so the two form one four-device JAX cluster. Both prepare the
 bundled corpus in the shared `--tfds_dir`, train a few steps on fixed batches, save and restore
 a checkpoint together, and process 0 writes the record counts, losses, gradient norms and final
 parameters to `--output` for the test to compare with a single-process run.

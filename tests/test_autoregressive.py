@@ -106,13 +106,13 @@ def test_prefix_tokens_are_kept(model_and_params):
 def test_top_p_keeps_the_smallest_nucleus():
   probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
   logits = jnp.log(jnp.asarray(probs))[None]
-  kept = lambda p: np.isfinite(np.asarray(decoding.top_p_mask(logits, p)[0]))
-  np.testing.assert_array_equal(kept(1.0), [True] * 5)
-  np.testing.assert_array_equal(kept(0.4), [False, True, False, False, False])
-  np.testing.assert_array_equal(kept(0.41), [False, True, False, True, False])
-  np.testing.assert_array_equal(kept(0.85), [False, True, False, True, True])
-  np.testing.assert_array_equal(kept(0.86), [False, True, True, True, True])
-  np.testing.assert_array_equal(kept(1e-6), [False, True, False, False, False])
+  nucleus = lambda p: np.isfinite(np.asarray(decoding.top_p_mask(logits, p)[0]))
+  np.testing.assert_array_equal(nucleus(1.0), [True] * 5)
+  np.testing.assert_array_equal(nucleus(0.4), [False, True, False, False, False])
+  np.testing.assert_array_equal(nucleus(0.41), [False, True, False, True, False])
+  np.testing.assert_array_equal(nucleus(0.85), [False, True, False, True, True])
+  np.testing.assert_array_equal(nucleus(0.86), [False, True, True, True, True])
+  np.testing.assert_array_equal(nucleus(1e-6), [False, True, False, False, False])
 
   # Draws follow the renormalised nucleus (0.4, 0.3, 0.15) / 0.85.
   draws = jax.vmap(lambda k: decoding.draw_token(k, logits, 1.0, 0.85))(

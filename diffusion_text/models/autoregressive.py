@@ -66,7 +66,7 @@ class CausalLM(nn.Module):
     return _constrain(logits_btv, ("act_batch", "act_length", "act_vocab")).astype(jnp.float32)
 
   def __call__(self, inputs_bt, mask_bt=None, deterministic=True):
-    """Logits [batch, length, vocab]; position i predicts the token after inputs_bt[:, i]."""
+    """Return logits [batch, length, vocab]. Position i predicts the token after inputs_bt[:, i]."""
     length = inputs_bt.shape[1]
     if length > self.cfg.seq_len:
       raise ValueError(f"input length {length} exceeds the model's seq_len {self.cfg.seq_len}")
@@ -83,8 +83,8 @@ class CausalLM(nn.Module):
     return [{"key": zeros, "value": zeros} for _ in range(cfg.num_layers)]
 
   def decode(self, inputs_bt, position, cache):
-    """Feed inputs at positions `position`, `position + 1`, ... given the cache of the earlier
-    ones; return (logits [batch, t, vocab], updated cache)."""
+    """Run the inputs at positions `position`, `position + 1`, ... against the cache of the
+    earlier positions. Return (logits [batch, t, vocab], updated cache)."""
     x_btd = self._inputs(inputs_bt, position + jnp.arange(inputs_bt.shape[1]))
     new_cache = []
     for block, layer in zip(self.blocks, cache):

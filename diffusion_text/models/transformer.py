@@ -77,9 +77,9 @@ class Attention(nn.Module):
   """Multi-head self-attention; causal for the autoregressive baseline.
 
   With `cache` (keys and values [batch, seq_len, heads, head_dim] and the write `position`),
-  `x_btd` holds the tokens at `position`, `position + 1`, ...; their keys and values are written
-  into the cache, queries attend to every cached position up to their own, and the call returns
-  (output, updated cache). This is key/value-cached decoding.
+  `x_btd` contains the tokens at `position`, `position + 1`, ... Their keys and values are
+  written into the cache, and each query attends to every cached position up to its own. The
+  call then returns (output, updated cache): key/value-cached decoding.
   """
 
   cfg: ModelConfig
